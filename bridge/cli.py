@@ -1,0 +1,218 @@
+"""``ivr-bridge``: the command line (run, call, flows check, prompts build, asterisk, db, interactions)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from bridge.config import Config, ConfigError, ensure_secrets, load_config
+from ivr.pbx import AsteriskInstance
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(args.config, overrides=args.set or [])
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+
+
+# --------------------------------------------------------------------------------------------------- commands
+def cmd_run(args: argparse.Namespace) -> int:
+    from bridge.app import serve
+    from ivr.flow import FlowError
+
+    config = _config(args)
+    _setup_logging(config.general.log_level)
+    try:
+        asyncio.run(serve(config))
+    except FlowError as exc:
+        print("ivr-bridge will not start: the flows have errors:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_flows_check(args: argparse.Namespace) -> int:
+    from ivr.flow import count_errors, flow_files, load_flows
+
+    paths = [Path(p) for p in args.paths] or _config(args).flows.paths
+    files = flow_files(paths)
+    if not files:
+        print("no flow files found in " + ", ".join(str(p) for p in paths), file=sys.stderr)
+        return 2
+    flows, problems = load_flows(paths)
+    for problem in problems:
+        print(problem)
+    errors = count_errors(problems)
+    warnings = len(problems) - errors
+    print(f"{len(files)} file(s), {len(flows)} flow(s) ok, {errors} error(s), {warnings} warning(s)")
+    return 1 if errors else 0
+
+
+def cmd_prompts_build(args: argparse.Namespace) -> int:
+    from ivr.flow import count_errors, load_flows
+    from ivr.prompts import PromptLibrary
+
+    config = _config(args)
+    flows, problems = load_flows(config.flows.paths)
+    if count_errors(problems):
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        return 2
+    library = PromptLibrary(config.tts, config.asterisk)
+    try:
+        rendered, cached = library.build(flows.values(), progress=True)
+    finally:
+        library.close()
+    print(f"prompts: {rendered} rendered, {cached} cached, in {library.dir}")
+    return 0
+
+
+def cmd_setup_secrets(args: argparse.Namespace) -> int:
+    config = _config(args)
+    ensure_secrets(config)
+    return 0
+
+
+def _pbx(config: Config) -> AsteriskInstance:
+    from ivr.engine import FlowRegistry
+
+    registry = FlowRegistry(config.flows.paths, config.flows.default_flow)
+    problems = registry.load()
+    numbers = sorted(registry.by_number) if registry.flows else []
+    if not numbers:
+        for problem in problems:
+            print(problem, file=sys.stderr)
+    return AsteriskInstance(config.asterisk, numbers)
+
+
+def cmd_asterisk(args: argparse.Namespace) -> int:
+    from ivr.pbx import PbxError
+
+    config = _config(args)
+    ensure_secrets(config)
+    pbx = _pbx(config)
+    try:
+        if args.action == "start":
+            pbx.start()
+            print(f"Asterisk instance '{config.asterisk.instance}' up: SIP {config.asterisk.sip_bind}:"
+                  f"{config.asterisk.sip_port}, AMI 127.0.0.1:{config.asterisk.ami_port}")
+        elif args.action == "stop":
+            pbx.stop()
+        elif args.action == "status":
+            print("running" if pbx.running() else "stopped")
+        elif args.action == "render":
+            pbx.render()
+    except PbxError as exc:
+        print(f"asterisk: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from bridge import db
+
+    config = _config(args)
+    asyncio.run(db.upgrade(config.database_url))
+    print(f"database at newest schema ({config.database_url.split('://')[0]})")
+    return 0
+
+
+def cmd_interactions(args: argparse.Namespace) -> int:
+    from bridge.store import InteractionStore
+
+    config = _config(args)
+
+    async def show() -> None:
+        store = InteractionStore(config.database_url)
+        await store.start()
+        try:
+            for item in await store.recent(args.limit):
+                path = " > ".join(f"{s.node}:{s.event}{'=' + s.value if s.value else ''}"
+                                  for s in item.steps if s.event != "enter")
+                print(f"{item.started_at:%Y-%m-%d %H:%M:%S} {item.id[:8]} {item.caller:>14} -> {item.dialled:<5} "
+                      f"{item.outcome or 'in progress':<11} at {item.outcome_node or '-'}  {path}")
+        finally:
+            await store.aclose()
+
+    asyncio.run(show())
+    return 0
+
+
+def cmd_call(args: argparse.Namespace) -> int:
+    from ivr.softphone_cli import run_call
+
+    config = _config(args)
+    _setup_logging("WARNING")
+    return asyncio.run(run_call(config, args))
+
+
+# --------------------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", type=Path, help="YAML config file (default: ./ivr-bridge.yaml if present)")
+    common.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a setting")
+
+    parser = argparse.ArgumentParser(prog="ivr-bridge", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("run", parents=[common], help="run the bridge").set_defaults(func=cmd_run)
+
+    call = sub.add_parser("call", parents=[common], help="call the hotline from a terminal softphone")
+    call.add_argument("number", help="hotline number to dial, e.g. 100")
+    call.add_argument("--digits", help="digits to send, comma separated steps, e.g. 1,0 (else typed)")
+    call.add_argument("--say", type=Path, help="wav file to play into the call")
+    call.add_argument("--record", type=Path, help="write what the caller heard to this wav")
+    call.add_argument("--caller", default="13800138000", help="caller ID number to present")
+    call.add_argument("--gap", type=float, default=None,
+                      help="seconds between digit steps (default: after each prompt ends)")
+    call.add_argument("--timeout", type=float, default=120, help="give up after this many seconds")
+    call.set_defaults(func=cmd_call)
+
+    flows = sub.add_parser("flows", help="work with call flows")
+    flows_sub = flows.add_subparsers(dest="flows_command", required=True)
+    check = flows_sub.add_parser("check", parents=[common], help="validate flow files (file:line:column errors)")
+    check.add_argument("paths", nargs="*", help="flow files or folders (default: the configured flows)")
+    check.set_defaults(func=cmd_flows_check)
+
+    prompts = sub.add_parser("prompts", help="work with prompts")
+    prompts_sub = prompts.add_subparsers(dest="prompts_command", required=True)
+    prompts_sub.add_parser("build", parents=[common], help="render every prompt of the flows to wav") \
+        .set_defaults(func=cmd_prompts_build)
+
+    ast = sub.add_parser("asterisk", parents=[common], help="control the local Asterisk instance")
+    ast.add_argument("action", choices=["start", "stop", "status", "render"])
+    ast.set_defaults(func=cmd_asterisk)
+
+    dbp = sub.add_parser("db", help="database")
+    db_sub = dbp.add_subparsers(dest="db_command", required=True)
+    db_sub.add_parser("upgrade", parents=[common], help="migrate to the newest schema") \
+        .set_defaults(func=cmd_db_upgrade)
+
+    inter = sub.add_parser("interactions", parents=[common], help="list recent interactions with their path")
+    inter.add_argument("--limit", type=int, default=20)
+    inter.set_defaults(func=cmd_interactions)
+
+    sub.add_parser("setup-secrets", parents=[common], help="generate missing secrets into var/secrets.yaml") \
+        .set_defaults(func=cmd_setup_secrets)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"ivr-bridge: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

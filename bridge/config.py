@@ -1,0 +1,217 @@
+"""Configuration in layers: defaults < file < environment < command line.
+
+One typed section per component. The file is YAML (``ivr-bridge.yaml`` or ``--config``); environment variables
+are ``IVR_BRIDGE__SECTION__KEY=value``; the command line takes ``--set section.key=value``. Secrets (the AMI
+password, SIP passwords) come from the environment or from ``<var_dir>/secrets.yaml``, which set-up generates
+with mode 0600 and which is never committed.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets as _secrets
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
+
+ENV_PREFIX = "IVR_BRIDGE__"
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(Exception):
+    """Configuration that cannot be used; the message says which setting and why."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class GeneralConfig(Section):
+    var_dir: Path = PROJECT_DIR / "var"
+    log_level: str = "INFO"
+
+
+class DatabaseConfig(Section):
+    url: str = ""  # empty: SQLite file under var_dir
+
+    def resolved_url(self, var_dir: Path) -> str:
+        return self.url or f"sqlite+aiosqlite:///{var_dir / 'ivr-bridge.db'}"
+
+
+class RedisConfig(Section):
+    url: str = "redis://127.0.0.1:6379/0"
+    events_channel: str = "ivr-bridge:events"
+
+
+class AsteriskConfig(Section):
+    root: Path | None = Path("/var/cache/ivr-bridge/asterisk-root")  # chroot holding Asterisk; None: native
+    instance: str = "dev"
+    host: str = "127.0.0.1"
+    ami_port: int = 5038
+    ami_user: str = "ivr-bridge"
+    ami_secret: str = ""
+    sip_bind: str = "127.0.0.1"
+    sip_port: int = 5060
+    media_address: str = "127.0.0.1"  # RTP address Asterisk uses (set with sip_bind for a LAN)
+    rtp_start: int = 10000
+    rtp_end: int = 10999
+    trunk_match: str = "127.0.0.1"
+    softphone_password: str = ""
+    heartbeat_interval: float = 3.0
+    heartbeat_max: int = 12
+    ami_timeout: float = 5.0
+    reconnect_max_delay: float = 10.0
+
+    @property
+    def instance_dir(self) -> str:
+        """The instance folder as Asterisk sees it (inside the chroot)."""
+        return f"/var/lib/ivr-bridge/{self.instance}"
+
+    @property
+    def prompt_dir(self) -> str:
+        return f"{self.instance_dir}/prompts"
+
+    def host_path(self, asterisk_path: str) -> Path:
+        """Where a path Asterisk sees lives on this host."""
+        return (self.root or Path("/")) / asterisk_path.lstrip("/")
+
+
+class FlowsConfig(Section):
+    paths: list[Path] = [PROJECT_DIR / "flows"]
+    reload_interval: float = 2.0
+    default_flow: str = "hotline"
+    default_region: str = "CN"  # how national caller numbers are read (ISO 3166 code)
+
+
+class TtsConfig(Section):
+    voices: dict[str, str] = {"en": "gmw/en-us", "zh-CN": "sit/cmn", "ko": "ko"}
+    rate: int = 165
+    workers: int = 2
+
+
+class Config(Section):
+    general: GeneralConfig = Field(default_factory=GeneralConfig)
+    database: DatabaseConfig = Field(default_factory=DatabaseConfig)
+    redis: RedisConfig = Field(default_factory=RedisConfig)
+    asterisk: AsteriskConfig = Field(default_factory=AsteriskConfig)
+    flows: FlowsConfig = Field(default_factory=FlowsConfig)
+    tts: TtsConfig = Field(default_factory=TtsConfig)
+
+    @property
+    def database_url(self) -> str:
+        return self.database.resolved_url(self.general.var_dir)
+
+
+def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = [p for p in dotted.split(".") if p]
+    if len(parts) < 2:
+        raise ConfigError(f"setting {dotted!r} must be section.key")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"setting {dotted!r}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = YAML(typ="safe").load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from exc
+    except YAMLError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: must be a mapping of sections")
+    return data
+
+
+def _parse_scalar(text: str) -> Any:
+    """Environment and CLI values are YAML scalars or flow collections (``[a, b]``, ``{en: x}``)."""
+    try:
+        return YAML(typ="safe").load(text)
+    except YAMLError:
+        return text
+
+
+def load_config(path: Path | None = None, env: Mapping[str, str] | None = None,
+                overrides: Sequence[str] = ()) -> Config:
+    """Build the configuration from its layers and validate it."""
+    env = os.environ if env is None else env
+    tree: dict[str, Any] = {}
+    file = path or (Path(env["IVR_BRIDGE_CONFIG"]) if env.get("IVR_BRIDGE_CONFIG") else None)
+    if file is None and (PROJECT_DIR / "ivr-bridge.yaml").exists():
+        file = PROJECT_DIR / "ivr-bridge.yaml"
+    if file is not None:
+        tree = _merge(tree, _read_yaml(file))
+    env_tree: dict[str, Any] = {}
+    for key, value in env.items():
+        if key.startswith(ENV_PREFIX):
+            _set_path(env_tree, key[len(ENV_PREFIX):].lower().replace("__", "."), _parse_scalar(value))
+    tree = _merge(tree, env_tree)
+    cli_tree: dict[str, Any] = {}
+    for item in overrides:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        _set_path(cli_tree, name.strip(), _parse_scalar(value))
+    tree = _merge(tree, cli_tree)
+    try:
+        config = Config.model_validate(tree)
+    except ValidationError as exc:
+        lines = [f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from exc
+    _fill_secrets(config)
+    return config
+
+
+def secrets_path(config: Config) -> Path:
+    return config.general.var_dir / "secrets.yaml"
+
+
+def _fill_secrets(config: Config) -> None:
+    """Take missing secrets from var/secrets.yaml (written by ``ensure_secrets``)."""
+    path = secrets_path(config)
+    if not path.exists():
+        return
+    stored = _read_yaml(path)
+    ast = config.asterisk
+    if not ast.ami_secret:
+        ast.ami_secret = str(stored.get("ami_secret", ""))
+    if not ast.softphone_password:
+        ast.softphone_password = str(stored.get("softphone_password", ""))
+
+
+def ensure_secrets(config: Config) -> None:
+    """Generate secrets that are still missing into var/secrets.yaml (mode 0600) and into ``config``."""
+    path = secrets_path(config)
+    stored = _read_yaml(path) if path.exists() else {}
+    changed = False
+    for key in ("ami_secret", "softphone_password"):
+        if not stored.get(key):
+            stored[key] = _secrets.token_urlsafe(24)
+            changed = True
+    if changed:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write("# generated by ivr-bridge; keep private\n")
+            for key, value in stored.items():
+                fh.write(f"{key}: {value}\n")
+    _fill_secrets(config)

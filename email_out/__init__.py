@@ -1,0 +1,1 @@
+"""email_out: arrives with a later issue (see DESIGN.md)."""

@@ -1,0 +1,184 @@
+"""One call's AsyncAGI channel: AGI commands as awaitables, results parsed, hang-up as a normal end.
+
+Commands go out as the AMI ``AGI`` action with a ``CommandID``; Asterisk answers with an ``AsyncAGIExec`` event
+carrying the url-encoded result. The engine routes this call's events into ``events``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import re
+import urllib.parse
+from dataclasses import dataclass
+
+from panoramisk.message import Message
+
+from ivr import safe
+from ivr.ami import AmiClient, AmiDisconnected, AmiError, AmiTimeout
+
+log = logging.getLogger(__name__)
+
+_RESULT_RE = re.compile(r"^(?P<code>\d{3})[ -]result=(?P<result>-?\d*)\s*(?:\((?P<data>[^)]*)\))?"
+                        r"(?:\s*endpos=(?P<endpos>\d+))?")
+
+
+class CallHangup(Exception):
+    """The caller hung up (or the channel left AsyncAGI): a normal end of the call, not an error."""
+
+
+class LinkLost(Exception):
+    """The AMI link dropped while a command was in flight; the node can be replayed after reconnecting."""
+
+    retryable = True
+
+
+class AgiCommandError(Exception):
+    """Asterisk refused the command (bad syntax, unknown command)."""
+
+    error_id = "agi-command"
+    retryable = False
+
+
+@dataclass(frozen=True)
+class AgiResult:
+    code: int
+    result: int
+    data: str
+    endpos: int | None
+
+    @property
+    def digit(self) -> str | None:
+        """The DTMF digit a STREAM FILE / WAIT FOR DIGIT returned, if any."""
+        return chr(self.result) if self.result > 0 else None
+
+
+def parse_result(raw: str) -> AgiResult:
+    text = urllib.parse.unquote(raw).strip()
+    if text == "HANGUP" or text.startswith("511"):
+        raise CallHangup(text)
+    match = _RESULT_RE.match(text)
+    if not match:
+        raise AgiCommandError(f"unexpected AGI result {text!r}")
+    code = int(match["code"])
+    if code != 200:
+        raise AgiCommandError(f"AGI error {text!r}")
+    result = int(match["result"]) if match["result"] not in ("", "-") else 0
+    endpos = int(match["endpos"]) if match["endpos"] else None
+    return AgiResult(code, result, match["data"] or "", endpos)
+
+
+def parse_env(raw: str) -> dict[str, str]:
+    """The ``Env`` header of AsyncAGIStart: url-encoded ``agi_key: value`` lines."""
+    env: dict[str, str] = {}
+    for line in urllib.parse.unquote(raw).splitlines():
+        key, sep, value = line.partition(": ")
+        if sep and key.startswith("agi_"):
+            env[key[4:]] = value.strip()
+    return env
+
+
+def quote_arg(value: str) -> str:
+    """Quote one AGI argument. CR/LF/NUL and double quotes are refused rather than escaped."""
+    safe.check_text(value, "AGI argument")
+    if '"' in value or "\\" in value:
+        raise safe.UnsafeValue(f"AGI argument {value!r} may not contain quotes or backslashes")
+    return f'"{value}"'
+
+
+class AgiChannel:
+    """Send AGI commands to one channel in AsyncAGI and wait for their results."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, ami: AmiClient, channel: str, events: asyncio.Queue[Message | Exception]) -> None:
+        self.ami = ami
+        self.channel = safe.channel(channel, "channel")
+        self.events = events
+        self.hung_up = False
+
+    async def command(self, verb: str, *args: str, timeout: float = 120) -> AgiResult:
+        """Run ``VERB "arg" ...`` and return its parsed result."""
+        if self.hung_up:
+            raise CallHangup("channel already hung up")
+        if not re.fullmatch(r"[A-Z ]+", verb):
+            raise AgiCommandError(f"bad AGI verb {verb!r}")
+        text = " ".join([verb, *(quote_arg(a) for a in args)])
+        command_id = f"{self.ami.new_action_id()}-c{next(self._ids)}"
+        try:
+            response = await self.ami.action("AGI", Channel=self.channel, Command=text, CommandID=command_id)
+        except (AmiDisconnected, AmiTimeout) as exc:
+            raise LinkLost(str(exc)) from exc
+        if response.get("Response") != "Success":
+            message = str(response.get("Message", ""))
+            if "does not exist" in message or "not running" in message.lower() or "AsyncAGI" in message:
+                self.hung_up = True
+                raise CallHangup(message)
+            raise AgiCommandError(f"{verb}: {message}")
+        return await self._wait_result(command_id, timeout)
+
+    async def _wait_result(self, command_id: str, timeout: float) -> AgiResult:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise AgiCommandError(f"no AGI result in {timeout:.0f} s")
+            try:
+                item = await asyncio.wait_for(self.events.get(), remaining)
+            except TimeoutError:
+                continue
+            if isinstance(item, Exception):
+                if isinstance(item, LinkLost):
+                    raise LinkLost(str(item))
+                raise item
+            event = item.get("Event")
+            if event == "AsyncAGIExec" and item.get("CommandID") == command_id:
+                try:
+                    return parse_result(str(item.get("Result", "")))
+                except CallHangup:
+                    self.hung_up = True
+                    raise
+            if event in ("AsyncAGIEnd", "Hangup"):
+                self.hung_up = True
+                raise CallHangup(event)
+            # A result of a command from before a link loss: stale, ignore it.
+
+    # ------------------------------------------------------------------------------------------ verbs
+    async def answer(self) -> None:
+        await self.command("ANSWER")
+
+    async def stream_file(self, path: str, escape_digits: str = "") -> str | None:
+        """Play a sound (path without extension); returns the digit that interrupted it, if any."""
+        safe.sound_path(path.lstrip("/"), "sound path")
+        safe.digits(escape_digits, "escape digits")
+        result = await self.command("STREAM FILE", path, escape_digits)
+        if result.result < 0:
+            raise CallHangup("stream file failed: channel gone")
+        return result.digit
+
+    async def wait_for_digit(self, timeout_ms: int) -> str | None:
+        result = await self.command("WAIT FOR DIGIT", str(int(timeout_ms)))
+        if result.result < 0:
+            raise CallHangup("wait for digit: channel gone")
+        return result.digit
+
+    async def set_variable(self, name: str, value: str) -> None:
+        await self.command("SET VARIABLE", safe.var_name(name), safe.var_value(value))
+
+    async def get_full_variable(self, expression: str) -> str | None:
+        """Evaluate a fixed expression (never caller input) such as ``${CHANNEL(pjsip,call-id)}``."""
+        result = await self.command("GET FULL VARIABLE", expression)
+        return result.data if result.result == 1 else None
+
+    async def hangup(self) -> None:
+        with contextlib.suppress(CallHangup):
+            await self.command("HANGUP")
+        self.hung_up = True
+
+    async def leave(self) -> None:
+        """End AsyncAGI so the dialplan continues after ``AGI(agi:async)`` (used for transfers)."""
+        with contextlib.suppress(CallHangup, AmiError):
+            await self.command("ASYNCAGI BREAK")

@@ -1,0 +1,413 @@
+"""The IVR engine: one asyncio task per call running its flow over AsyncAGI.
+
+AMI events become per-call queues (panoramisk's ``call_manager`` habit); each call's task runs nodes until the flow
+ends, the caller hangs up or the call leaves for the dialplan. A lost AMI link replays the current node once the
+link is back; after any (re)connect the engine asks Asterisk which channels sit in AsyncAGI and adopts those it does
+not know (e.g. after an ivr-bridge restart), resuming at the node they were in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import phonenumbers
+from panoramisk.message import Message
+
+from bridge.config import Config
+from bridge.events import EventBus
+from bridge.models import Outcome
+from bridge.store import InteractionStore, StepRecord
+from ivr import safe
+from ivr.agi import AgiChannel, AgiCommandError, CallHangup, LinkLost, parse_env
+from ivr.ami import AmiClient, AmiError
+from ivr.flow import Flow, Problem, count_errors, load_flows
+from ivr.prompts import PromptLibrary, flow_texts
+
+log = logging.getLogger(__name__)
+
+ENTRY_CONTEXT = "ivr-entry"
+FALLBACK = ("ivr-fallback", "s")
+LINK_WAIT = 60.0
+
+
+class CallLog(logging.LoggerAdapter):
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        return f"[call {self.extra['call']}] {msg}", kwargs  # type: ignore[index]
+
+
+# ------------------------------------------------------------------------------------------------- flows
+class FlowRegistry:
+    """The flows in service. A reload that has errors is refused and the previous version keeps serving."""
+
+    def __init__(self, paths: list[Path], default_flow: str, prompts: PromptLibrary | None = None) -> None:
+        self.paths = paths
+        self.default_flow = default_flow
+        self.prompts = prompts
+        self.flows: dict[str, Flow] = {}
+        self.by_number: dict[str, Flow] = {}
+        self._mtimes: dict[Path, float] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def load(self) -> list[Problem]:
+        """Load all flows; on errors keep what was serving and return the problems."""
+        flows, problems = load_flows(self.paths)
+        if count_errors(problems):
+            return problems
+        if self.default_flow not in flows:
+            return [*problems, Problem(str(self.paths[0]), 1, 1, "error",
+                                       f"default flow '{self.default_flow}' was not found")]
+        self.flows = flows
+        self.by_number = {number: flow for flow in flows.values() for number in flow.numbers}
+        self._mtimes = self._scan()
+        return problems
+
+    def _scan(self) -> dict[Path, float]:
+        out: dict[Path, float] = {}
+        for base in self.paths:
+            for path in ([*base.glob("*.y*ml")] if base.is_dir() else [base]):
+                with contextlib.suppress(OSError):
+                    out[path] = path.stat().st_mtime
+        return out
+
+    async def reload(self) -> bool:
+        """Reload from disk (prompts of the new version are rendered before it goes live)."""
+        flows, problems = await asyncio.to_thread(load_flows, self.paths)
+        self._mtimes = self._scan()
+        errors = [p for p in problems if p.severity == "error"]
+        if not errors and self.default_flow not in flows:
+            errors.append(Problem(str(self.paths[0]), 1, 1, "error", f"default flow '{self.default_flow}' missing"))
+        if errors:
+            for problem in errors:
+                log.error("flow reload refused, previous version keeps serving: %s", problem)
+            return False
+        if self.prompts is not None:
+            for language, text in set(flow_texts(flows.values())):
+                await self.prompts.ensure(text, language)
+        self.flows = flows
+        self.by_number = {number: flow for flow in flows.values() for number in flow.numbers}
+        log.info("flows reloaded: %s", ", ".join(sorted(flows)))
+        return True
+
+    def for_number(self, dialled: str) -> Flow:
+        return self.by_number.get(dialled) or self.flows[self.default_flow]
+
+    async def start(self, interval: float) -> None:
+        self._task = asyncio.create_task(self._watch(interval), name="flow-watch")
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _watch(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            if self._scan() != self._mtimes:
+                await self.reload()
+
+
+# ------------------------------------------------------------------------------------------------- calls
+class CallContext:
+    """What nodes see of a call: play prompts, read digits, variables, record steps, leave the flow."""
+
+    def __init__(self, session: CallSession, flow: Flow, language: str, variables: dict[str, str]) -> None:
+        self.session = session
+        self.flow = flow
+        self.language = language
+        self.vars = variables
+        self.outcome: Outcome | None = None
+        self.destination: str | None = None
+
+    @property
+    def caller_country(self) -> str | None:
+        return self.session.caller_country
+
+    def now(self) -> dt.datetime:
+        return dt.datetime.now(dt.UTC)
+
+    async def play(self, prompt: Any, escape_digits: str = "") -> str | None:
+        """Play a prompt in the call's language; returns the digit that interrupted it."""
+        s = self.session
+        for language, text in prompt.for_language(self.language):
+            path = await s.engine.prompts.ensure(text, language)
+            s.engine.bus.publish("prompt", call_id=s.call_id, sip_call_id=s.sip_call_id, language=language,
+                                 text=text, node=s.current)
+            digit = await s.agi.stream_file(path, escape_digits)
+            if digit:
+                return digit
+        return None
+
+    async def wait_digit(self, seconds: float) -> str | None:
+        return await self.session.agi.wait_for_digit(int(seconds * 1000))
+
+    def record(self, node: str, event: str, value: str | None = None) -> None:
+        s = self.session
+        s.steps.append(StepRecord(node, event, value))
+        s.engine.bus.publish("input", call_id=s.call_id, node=node, event=event, value=value)
+        s.log.info("%s: %s%s", node, event, f" {value}" if value else "")
+
+    def set_var(self, name: str, value: str) -> None:
+        self.vars[safe.var_name(name)] = value
+        if name == "language" and value in self.flow.languages:
+            self.language = value
+        if name == "intent":
+            self.session.intent = value
+
+    def get_var(self, name: str) -> str | None:
+        if name == "language":
+            return self.language
+        return self.vars.get(name)
+
+    async def transfer(self, destination: str) -> None:
+        target = self.flow.destinations[destination]
+        await self.session.hand_to_dialplan(target.context, target.exten)
+        self.outcome = Outcome.TRANSFERRED
+        self.destination = destination
+        self.record(self.session.current or "", "transfer", destination)
+
+    async def hangup(self) -> None:
+        self.outcome = Outcome.COMPLETED
+        await self.session.agi.hangup()
+
+
+class CallSession:
+    """One call in the IVR; ``run`` is the call's task."""
+
+    def __init__(self, engine: IvrEngine, channel: str, env: dict[str, str], resumed: bool = False) -> None:
+        self.engine = engine
+        self.channel = channel
+        self.env = env
+        self.resumed = resumed
+        self.events: asyncio.Queue[Message | Exception] = asyncio.Queue()
+        self.agi = AgiChannel(engine.ami, channel, self.events)
+        self.uniqueid = env.get("uniqueid", "")
+        self.caller = safe.caller_number(env.get("callerid"))
+        dialled = env.get("arg_1", "")
+        self.dialled = dialled if safe.NUMBER_RE.fullmatch(dialled or "") else ""
+        self.caller_country = _country(self.caller, engine.config.flows.default_region)
+        self.call_id = ""
+        self.sip_call_id = ""
+        self.intent: str | None = None
+        self.current: str | None = None
+        self.steps: list[StepRecord] = []
+        self._saved = 0
+        self.log = CallLog(log, {"call": self.uniqueid or channel})
+        self.task: asyncio.Task[None] | None = None
+
+    def deliver(self, item: Message | Exception) -> None:
+        self.events.put_nowait(item)
+
+    async def _flush(self) -> None:
+        pending = self.steps[self._saved:]
+        if pending:
+            await self.engine.store.add_steps(self.call_id, self._saved, pending)
+            self._saved += len(pending)
+
+    async def run(self) -> None:
+        engine = self.engine
+        flow = engine.flows.for_number(self.dialled)
+        language = flow.numbers.get(self.dialled, flow.default_language)
+        ctx = CallContext(self, flow, language, {"dialled": self.dialled, "caller": self.caller})
+        start_node = flow.entry
+        try:
+            start_node = await self._open(flow, language)
+            ctx.flow = engine.flows.flows.get(flow.name, flow) if self.resumed else flow
+            await self._run_nodes(ctx, start_node)
+            if ctx.outcome is None:  # the flow ran out of nodes: end the call
+                ctx.outcome = Outcome.COMPLETED
+                await self.agi.hangup()
+        except CallHangup:
+            if ctx.outcome is None:
+                ctx.outcome = Outcome.ABANDONED
+                self.log.info("caller hung up at %s", self.current)
+        except asyncio.CancelledError:
+            if ctx.outcome is None:
+                ctx.outcome = Outcome.FAILED
+            raise
+        except Exception:
+            self.log.exception("flow failed at %s; handing the call to the dialplan fallback", self.current)
+            ctx.outcome = Outcome.FAILED
+            with contextlib.suppress(Exception):
+                await self.hand_to_dialplan(*FALLBACK)
+        finally:
+            await self._close(ctx)
+
+    async def _open(self, flow: Flow, language: str) -> str:
+        store = self.engine.store
+        if self.resumed:
+            existing = await store.find_by_uniqueid(self.uniqueid) if self.uniqueid else None
+            if existing is not None and existing.outcome is None:
+                self.call_id = existing.id
+                self.steps = [StepRecord(s.node, s.event, s.value, s.at) for s in existing.steps]
+                self._saved = len(self.steps)
+                entered = [s.node for s in existing.steps if s.event == "enter" and s.node in flow.nodes]
+                self.log.info("resuming call %s at %s", self.call_id, entered[-1] if entered else flow.entry)
+                self.steps.append(StepRecord(entered[-1] if entered else flow.entry, "resumed"))
+                return entered[-1] if entered else flow.entry
+        with contextlib.suppress(AgiCommandError):
+            self.sip_call_id = (await self.agi.get_full_variable("${CHANNEL(pjsip,call-id)}")) or ""
+        record = await store.create(channel="voice", state="ivr", caller=self.caller, dialled=self.dialled,
+                                    flow=flow.name, language=language, asterisk_channel=self.channel,
+                                    asterisk_uniqueid=self.uniqueid, sip_call_id=self.sip_call_id[:128])
+        self.call_id = record.id
+        self.log = CallLog(log, {"call": self.call_id[:8]})
+        self.log.info("call from %s to %s on %s (flow %s)", self.caller, self.dialled or "-", self.channel,
+                      flow.name)
+        self.engine.bus.publish("call-started", call_id=self.call_id, sip_call_id=self.sip_call_id,
+                                caller=self.caller, dialled=self.dialled, flow=flow.name)
+        return flow.entry
+
+    async def _run_nodes(self, ctx: CallContext, node_id: str | None) -> None:
+        while node_id is not None:
+            node = ctx.flow.nodes[node_id]
+            self.current = node_id
+            self.steps.append(StepRecord(node_id, "enter"))
+            self.engine.bus.publish("node", call_id=self.call_id, node=node_id, node_type=node.type)
+            await self._flush()
+            try:
+                node_id = await node.run(ctx)
+            except LinkLost:
+                self.steps.append(StepRecord(node_id, "link-lost"))
+                self.log.warning("AMI link lost in %s; replaying it once the link is back", node_id)
+                await asyncio.wait_for(self.engine.ami.wait_connected(), LINK_WAIT)
+                self._drain()
+                continue
+
+    def _drain(self) -> None:
+        while not self.events.empty():
+            item = self.events.get_nowait()
+            if isinstance(item, CallHangup) or (isinstance(item, Message) and
+                                                item.get("Event") in ("AsyncAGIEnd", "Hangup")):
+                self.events.put_nowait(item)
+                break
+
+    async def hand_to_dialplan(self, context: str, exten: str) -> None:
+        """Leave AsyncAGI for an allowlisted dialplan place (names were checked when the flow loaded)."""
+        await self.agi.set_variable("IVR_DEST_CONTEXT", safe.name(context))
+        await self.agi.set_variable("IVR_DEST_EXTEN", safe.name(exten))
+        await self.agi.leave()
+
+    async def _close(self, ctx: CallContext) -> None:
+        outcome = ctx.outcome or Outcome.FAILED
+        self.steps.append(StepRecord(self.current or "", "end", outcome.value))
+        with contextlib.suppress(Exception):
+            if self.call_id:
+                await asyncio.shield(self._finish(ctx, outcome))
+        self.engine.sessions.pop(self.channel, None)
+        self.engine.bus.publish("call-ended", call_id=self.call_id, sip_call_id=self.sip_call_id,
+                                outcome=outcome.value, node=self.current)
+        self.log.info("call ended: %s at %s", outcome.value, self.current)
+
+    async def _finish(self, ctx: CallContext, outcome: Outcome) -> None:
+        await self._flush()
+        await self.engine.store.finish(self.call_id, outcome, self.current, ctx.destination,
+                                       language=ctx.language, intent=self.intent)
+
+
+def _country(number: str, default_region: str) -> str | None:
+    if number == "anonymous":
+        return None
+    try:
+        parsed = phonenumbers.parse(number, default_region)
+    except phonenumbers.NumberParseException:
+        return None
+    return phonenumbers.region_code_for_number(parsed)
+
+
+# ------------------------------------------------------------------------------------------------- engine
+class IvrEngine:
+    """Starts a CallSession for every channel entering AsyncAGI and routes AMI events to it."""
+
+    def __init__(self, config: Config, ami: AmiClient, flows: FlowRegistry, store: InteractionStore,
+                 prompts: PromptLibrary, bus: EventBus) -> None:
+        self.config = config
+        self.ami = ami
+        self.flows = flows
+        self.store = store
+        self.prompts = prompts
+        self.bus = bus
+        self.sessions: dict[str, CallSession] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+        self.on_session_end: Callable[[CallSession], None] | None = None
+
+    async def start(self) -> None:
+        self.ami.add_event_listener(self._on_event)
+        self.ami.add_state_listener(self._on_link)
+
+    async def aclose(self) -> None:
+        """Hand every call still in the IVR to the dialplan fallback, then stop their tasks."""
+        sessions = list(self.sessions.values())
+        if sessions and self.ami.connected:
+            await asyncio.gather(*(self._release(s) for s in sessions), return_exceptions=True)
+        for session in sessions:
+            if session.task is not None:
+                session.task.cancel()
+        await asyncio.gather(*(s.task for s in sessions if s.task is not None), return_exceptions=True)
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+
+    async def _release(self, session: CallSession) -> None:
+        with contextlib.suppress(AmiError, CallHangup, LinkLost, AgiCommandError, TimeoutError):
+            await asyncio.wait_for(session.hand_to_dialplan(*FALLBACK), 3)
+
+    def _spawn(self, channel: str, env: dict[str, str], resumed: bool) -> None:
+        try:
+            session = CallSession(self, channel, env, resumed)
+        except safe.UnsafeValue:
+            log.warning("ignoring AsyncAGI channel with an unexpected name: %r", channel)
+            return
+        self.sessions[channel] = session
+        session.task = asyncio.create_task(session.run(), name=f"call-{channel}")
+
+    def _on_event(self, message: Message) -> None:
+        event = message.get("Event")
+        channel = str(message.get("Channel", ""))
+        if event == "AsyncAGIStart":
+            if channel not in self.sessions:
+                self._spawn(channel, parse_env(str(message.get("Env", ""))), resumed=False)
+        elif event in ("AsyncAGIExec", "AsyncAGIEnd", "Hangup"):
+            session = self.sessions.get(channel)
+            if session is not None:
+                session.deliver(message)
+
+    def _on_link(self, up: bool) -> None:
+        if not up:
+            for session in self.sessions.values():
+                session.deliver(LinkLost("AMI link lost"))
+            return
+        task = asyncio.create_task(self.resync(), name="ivr-resync")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def resync(self) -> None:
+        """Rebuild call state from Asterisk: adopt channels in AsyncAGI we do not run, end those that are gone."""
+        try:
+            channels = await self.ami.list_action("CoreShowChannels", "CoreShowChannelsComplete")
+        except AmiError as exc:
+            log.warning("resync after reconnect failed: %s", exc)
+            return
+        live = {str(c.get("Channel")): c for c in channels}
+        for name, session in list(self.sessions.items()):
+            if name not in live:
+                session.deliver(CallHangup("channel gone after reconnect"))
+        for name, info in live.items():
+            if info.get("Application") == "AGI" and info.get("Context") == ENTRY_CONTEXT \
+                    and name not in self.sessions:
+                env = {"uniqueid": str(info.get("Uniqueid", "")), "callerid": str(info.get("CallerIDNum", "")),
+                       "arg_1": _dialled_from(str(info.get("ApplicationData", "")))}
+                log.info("adopting call on %s after reconnect", name)
+                self._spawn(name, env, resumed=True)
+
+
+def _dialled_from(app_data: str) -> str:
+    """``agi:async,100`` -> ``100``."""
+    _, _, rest = app_data.partition(",")
+    return rest.strip()

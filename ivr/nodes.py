@@ -1,0 +1,395 @@
+"""Node types of a call flow, registered by their YAML ``type:``.
+
+Each type is a pydantic model (validated when the flow loads, not when a caller reaches it) with ``edges()`` for
+the graph checks and ``run()`` for the call. ``run`` returns the id of the next node, or None when the call ends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ivr import safe
+from ivr.flow import FlowContext, Prompt
+
+if TYPE_CHECKING:
+    from ivr.engine import CallContext
+
+NODE_TYPES: dict[str, type[Node]] = {}
+Edge = tuple[str, tuple[Any, ...]]
+
+
+def register(type_name: str) -> Any:
+    def wrap(cls: type[Node]) -> type[Node]:
+        NODE_TYPES[type_name] = cls
+        return cls
+    return wrap
+
+
+def _as_prompt(value: Any) -> Any:
+    if isinstance(value, Mapping) and "text" not in value:
+        return {"text": dict(value)}
+    return value
+
+
+PromptField = Annotated[Prompt, BeforeValidator(_as_prompt)]
+
+
+class Node(BaseModel):
+    """Fields every node has. ``terminal`` nodes end the call (hang up or leave for the dialplan)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    is_menu: ClassVar[bool] = False
+
+    id: str
+    type: str
+    description: str = ""
+
+    @property
+    def terminal(self) -> bool:
+        return False
+
+    def edges(self) -> list[Edge]:
+        return []
+
+    def prompts(self) -> list[tuple[str, Prompt]]:
+        return [(name, value) for name, value in self if isinstance(value, Prompt)]
+
+    async def run(self, call: CallContext) -> str | None:
+        raise NotImplementedError
+
+
+def _safe_value(value: str) -> str:
+    safe.var_value(value, "value")
+    return value
+
+
+class _Next(Node):
+    next: str | None = None
+
+    def edges(self) -> list[Edge]:
+        return [(self.next, ("next",))] if self.next else []
+
+    @property
+    def terminal(self) -> bool:
+        return self.next is None
+
+
+@register("say")
+class SayNode(_Next):
+    """Play a prompt, then go on."""
+
+    prompt: PromptField
+
+    async def run(self, call: CallContext) -> str | None:
+        await call.play(self.prompt)
+        return self.next
+
+
+class MenuOption(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    next: str
+    set: dict[str, Annotated[str, BeforeValidator(str)]] = {}
+
+    @field_validator("set")
+    @classmethod
+    def _values(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, item in value.items():
+            safe.var_name(name)
+            _safe_value(item)
+        return value
+
+
+class _Retrying(Node):
+    timeout: float = Field(5.0, gt=0, le=60)
+    retries: int = Field(2, ge=0, le=5)
+    no_input: PromptField | None = None
+    invalid: PromptField | None = None
+    on_failure: str
+
+
+@register("menu")
+class MenuNode(_Retrying):
+    """DTMF menu: a prompt, options by digit, reprompts on no input / invalid input, then ``on_failure``."""
+
+    is_menu: ClassVar[bool] = True
+    prompt: PromptField
+    options: dict[str, MenuOption] = Field(min_length=1)
+
+    @field_validator("options")
+    @classmethod
+    def _digits(cls, value: dict[str, MenuOption]) -> dict[str, MenuOption]:
+        for key in value:
+            if len(key) != 1 or key not in "0123456789*#":
+                raise ValueError(f"option {key!r} is not a single key 0-9, * or #")
+        return value
+
+    def edges(self) -> list[Edge]:
+        out = [(opt.next, ("options", key, "next")) for key, opt in self.options.items()]
+        return [*out, (self.on_failure, ("on_failure",))]
+
+    async def run(self, call: CallContext) -> str | None:
+        keys = "".join(sorted(self.options))
+        for attempt in range(self.retries + 1):
+            digit = await call.play(self.prompt, escape_digits=keys)
+            if digit is None:
+                digit = await call.wait_digit(self.timeout)
+            if digit is None:
+                call.record(self.id, "no-input")
+                if self.no_input and attempt < self.retries:
+                    await call.play(self.no_input)
+                continue
+            option = self.options.get(digit)
+            if option is None:
+                call.record(self.id, "invalid", digit)
+                if self.invalid and attempt < self.retries:
+                    await call.play(self.invalid)
+                continue
+            call.record(self.id, "chose", digit)
+            for name, value in option.set.items():
+                call.set_var(name, value)
+            return option.next
+        call.record(self.id, "failed")
+        return self.on_failure
+
+
+@register("collect")
+class CollectNode(_Retrying):
+    """Collect several digits into a variable, ended by the terminator or by ``max_digits``."""
+
+    prompt: PromptField
+    var: str
+    min_digits: int = Field(1, ge=1, le=32)
+    max_digits: int = Field(16, ge=1, le=32)
+    terminator: Literal["#", "*", ""] = "#"
+    inter_digit_timeout: float = Field(3.0, gt=0, le=30)
+    next: str
+
+    @field_validator("var")
+    @classmethod
+    def _var(cls, value: str) -> str:
+        return safe.var_name(value)
+
+    @model_validator(mode="after")
+    def _range(self) -> CollectNode:
+        if self.min_digits > self.max_digits:
+            raise ValueError("min_digits is larger than max_digits")
+        return self
+
+    def edges(self) -> list[Edge]:
+        return [(self.next, ("next",)), (self.on_failure, ("on_failure",))]
+
+    async def run(self, call: CallContext) -> str | None:
+        for attempt in range(self.retries + 1):
+            digits = await self._read(call)
+            if not digits:
+                call.record(self.id, "no-input")
+                if self.no_input and attempt < self.retries:
+                    await call.play(self.no_input)
+                continue
+            if len(digits) < self.min_digits:
+                call.record(self.id, "invalid", digits)
+                if self.invalid and attempt < self.retries:
+                    await call.play(self.invalid)
+                continue
+            call.record(self.id, "collected", digits)
+            call.set_var(self.var, digits)
+            return self.next
+        call.record(self.id, "failed")
+        return self.on_failure
+
+    async def _read(self, call: CallContext) -> str:
+        escape = "0123456789*#"
+        digit = await call.play(self.prompt, escape_digits=escape)
+        if digit is None:
+            digit = await call.wait_digit(self.timeout)
+        digits = ""
+        while digit is not None:
+            if digit == self.terminator:
+                break
+            if digit in "0123456789":
+                digits += digit
+            if len(digits) >= self.max_digits:
+                break
+            digit = await call.wait_digit(self.inter_digit_timeout)
+        return digits
+
+
+@register("set")
+class SetNode(Node):
+    """Set call variables (``language`` switches the prompts' language)."""
+
+    values: dict[str, Annotated[str, BeforeValidator(str)]] = Field(min_length=1)
+    next: str
+
+    @field_validator("values")
+    @classmethod
+    def _values(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, item in value.items():
+            safe.var_name(name)
+            _safe_value(item)
+        return value
+
+    def edges(self) -> list[Edge]:
+        return [(self.next, ("next",))]
+
+    async def run(self, call: CallContext) -> str | None:
+        for name, value in self.values.items():
+            call.set_var(name, value)
+        return self.next
+
+
+class Case(BaseModel):
+    """One branch of a condition: exactly one test, and where to go when it holds."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    open: str | None = None            # name of business hours in the flow's ``hours``
+    closed: str | None = None
+    caller_country: list[str] | None = None   # ISO 3166 region codes, from the caller's number
+    var: str | None = None
+    equals: str | None = None
+    in_: list[str] | None = Field(None, alias="in")
+    next: str
+
+    @model_validator(mode="after")
+    def _one_test(self) -> Case:
+        tests = [self.open, self.closed, self.caller_country, self.var]
+        if sum(t is not None for t in tests) != 1:
+            raise ValueError("a case needs exactly one of open, closed, caller_country, var")
+        if self.var is not None and (self.equals is None) == (self.in_ is None):
+            raise ValueError("a 'var' case needs exactly one of equals, in")
+        if self.var is None and (self.equals is not None or self.in_ is not None):
+            raise ValueError("equals / in only go with var")
+        return self
+
+    def holds(self, call: CallContext) -> bool:
+        if self.open is not None:
+            return call.flow.hours[self.open].is_open(call.now())
+        if self.closed is not None:
+            return not call.flow.hours[self.closed].is_open(call.now())
+        if self.caller_country is not None:
+            return call.caller_country in self.caller_country
+        value = call.get_var(self.var or "")
+        return value == self.equals if self.equals is not None else value in (self.in_ or [])
+
+
+@register("condition")
+class ConditionNode(Node):
+    """Branch on business hours, the caller's country or a variable; the first case that holds wins."""
+
+    cases: list[Case] = Field(min_length=1)
+    otherwise: str
+
+    def edges(self) -> list[Edge]:
+        out = [(case.next, ("cases", i, "next")) for i, case in enumerate(self.cases)]
+        return [*out, (self.otherwise, ("otherwise",))]
+
+    async def run(self, call: CallContext) -> str | None:
+        for i, case in enumerate(self.cases):
+            if case.holds(call):
+                call.record(self.id, f"case-{i}")
+                return case.next
+        call.record(self.id, "otherwise")
+        return self.otherwise
+
+
+@register("goto")
+class GotoNode(Node):
+    next: str
+
+    def edges(self) -> list[Edge]:
+        return [(self.next, ("next",))]
+
+    async def run(self, call: CallContext) -> str | None:
+        return self.next
+
+
+@register("transfer")
+class TransferNode(Node):
+    """Leave the flow for an allowlisted dialplan destination (an operator, a queue, voicemail)."""
+
+    destination: str
+    prompt: PromptField | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return True
+
+    async def run(self, call: CallContext) -> str | None:
+        if self.prompt:
+            await call.play(self.prompt)
+        await call.transfer(self.destination)
+        return None
+
+
+@register("hangup")
+class HangupNode(Node):
+    prompt: PromptField | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return True
+
+    async def run(self, call: CallContext) -> str | None:
+        if self.prompt:
+            await call.play(self.prompt)
+        await call.hangup()
+        return None
+
+
+def parse_node(ctx: FlowContext, node_id: str, body: Any) -> Node | None:
+    """Validate one node's YAML mapping against its registered type; report problems with positions."""
+    where = ("nodes", node_id)
+    if not isinstance(body, Mapping):
+        ctx.problem(where, f"node '{node_id}' must be a mapping with a 'type'")
+        return None
+    type_name = body.get("type")
+    if type_name is None:
+        ctx.problem(where, f"node '{node_id}': missing field 'type'")
+        return None
+    cls = NODE_TYPES.get(type_name) if isinstance(type_name, str) else None
+    if cls is None:
+        known = ", ".join(sorted(NODE_TYPES))
+        ctx.problem((*where, "type"), f"node '{node_id}': unknown node type {type_name!r} (known: {known})")
+        return None
+    if "id" in body:
+        ctx.problem((*where, "id"), f"node '{node_id}': unknown field 'id' (the key names the node)")
+        return None
+    try:
+        node = cls.model_validate({**body, "id": node_id})
+    except ValidationError as exc:
+        ctx.validation_errors(exc, where, f"node '{node_id}' ({type_name})")
+        return None
+    ok = True
+    for key, prompt in node.prompts():
+        ok = ctx.check_prompt((*where, key), prompt) and ok
+    header = ctx.header
+    if isinstance(node, TransferNode) and node.destination not in header.destinations:
+        names = ", ".join(sorted(header.destinations)) or "none defined"
+        ctx.problem((*where, "destination"), f"node '{node_id}': destination '{node.destination}' is not in the "
+                                              f"flow's destinations ({names})")
+        ok = False
+    if isinstance(node, ConditionNode):
+        for i, case in enumerate(node.cases):
+            hours = case.open or case.closed
+            if hours is not None and hours not in header.hours:
+                ctx.problem((*where, "cases", i), f"node '{node_id}': hours '{hours}' are not defined in 'hours'")
+                ok = False
+    for name, value in _assignments(node):
+        if name == "language" and value not in header.languages:
+            ctx.problem(where, f"node '{node_id}': language {value!r} is not in the flow's languages")
+            ok = False
+    return node if ok else None
+
+
+def _assignments(node: Node) -> list[tuple[str, str]]:
+    if isinstance(node, SetNode):
+        return list(node.values.items())
+    if isinstance(node, MenuNode):
+        return [item for opt in node.options.values() for item in opt.set.items()]
+    return []
+
+
+__all__ = ["NODE_TYPES", "Node", "parse_node", "register"]

@@ -1,0 +1,200 @@
+"""The local Asterisk: render ``asterisk_conf/`` into an instance folder, start, reload and stop it.
+
+Asterisk runs from a Debian sid chroot (see PLATFORM.md) or natively (``asterisk.root: null``). Each instance
+(``dev`` for ``make run``, ``test`` and ``bench`` for the suites) has its own folder, ports and prompts, so they
+can run side by side.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import string
+import subprocess
+import time
+from pathlib import Path
+
+from bridge.config import PROJECT_DIR, AsteriskConfig
+from ivr import safe
+
+log = logging.getLogger(__name__)
+
+CONF_DIR = PROJECT_DIR / "asterisk_conf"
+
+
+class PbxError(RuntimeError):
+    """Asterisk could not be rendered, started or stopped."""
+
+
+class AsteriskInstance:
+    """One Asterisk process with its own config folder and ports."""
+
+    def __init__(self, config: AsteriskConfig, hotline_numbers: list[str]) -> None:
+        self.config = config
+        self.hotline_numbers = [safe.digits(n.lstrip("+"), "hotline number") for n in hotline_numbers]
+        self.host_dir = config.host_path(config.instance_dir)
+
+    # ------------------------------------------------------------------------------------------ paths
+    @property
+    def conf_path(self) -> str:
+        return f"{self.config.instance_dir}/etc/asterisk.conf"
+
+    @property
+    def log_file(self) -> Path:
+        return self.host_dir / "log" / "messages.log"
+
+    def _cmd(self, *args: str) -> list[str]:
+        base = ["asterisk", "-C", self.conf_path, *args]
+        if self.config.root:
+            return ["chroot", str(self.config.root), *base]
+        return base
+
+    # ------------------------------------------------------------------------------------------ render
+    def variables(self) -> dict[str, str]:
+        cfg = self.config
+        if not cfg.ami_secret or not cfg.softphone_password:
+            raise PbxError("AMI secret and softphone password are not set (run `ivr-bridge setup-secrets`)")
+        for value in (cfg.ami_secret, cfg.softphone_password):
+            if not safe.NAME_RE.fullmatch(value.replace("-", "").replace("_", "") or "x"):
+                raise PbxError("secrets may contain only letters, digits, '-' and '_'")
+        safe.name(cfg.ami_user, "AMI user")
+        extensions = "\n".join(
+            f"exten => {n},1,Set(__IVR_DIALLED={n})\n same => n,Goto(ivr-entry,s,1)" for n in self.hotline_numbers)
+        return {
+            "DOLLAR": "$",
+            "INSTANCE_DIR": cfg.instance_dir,
+            "AMI_PORT": str(cfg.ami_port),
+            "AMI_USER": cfg.ami_user,
+            "AMI_SECRET": cfg.ami_secret,
+            "SIP_BIND": cfg.sip_bind,
+            "SIP_PORT": str(cfg.sip_port),
+            "MEDIA_ADDRESS": cfg.media_address,
+            "RTP_START": str(cfg.rtp_start),
+            "RTP_END": str(cfg.rtp_end),
+            "TRUNK_MATCH": cfg.trunk_match,
+            "SOFTPHONE_PASSWORD": cfg.softphone_password,
+            "PROMPT_DIR": cfg.prompt_dir,
+            "HEARTBEAT_MAX": str(cfg.heartbeat_max),
+            "HOTLINE_EXTENSIONS": extensions,
+        }
+
+    def render(self) -> None:
+        """Write the instance's config from ``asterisk_conf/`` templates (only files that changed)."""
+        variables = self.variables()
+        etc = self.host_dir / "etc"
+        for sub in ("etc", "log", "run", "spool", "db", "cache", "prompts"):
+            (self.host_dir / sub).mkdir(parents=True, exist_ok=True)
+        for template in sorted(CONF_DIR.glob("*.conf")):
+            try:
+                text = string.Template(template.read_text(encoding="utf-8")).substitute(variables)
+            except (KeyError, ValueError) as exc:
+                raise PbxError(f"{template}: bad placeholder {exc}") from exc
+            target = etc / template.name
+            if not target.exists() or target.read_text(encoding="utf-8") != text:
+                tmp = target.with_suffix(".tmp")
+                tmp.write_text(text, encoding="utf-8")
+                os.chmod(tmp, 0o640)
+                tmp.replace(target)
+
+    # ------------------------------------------------------------------------------------------ control
+    def running(self) -> bool:
+        return self.rx("core show uptime", check=False, timeout=5) is not None
+
+    def rx(self, command: str, *, check: bool = True, timeout: float = 15) -> str | None:
+        """Run a CLI command on the running instance (``asterisk -rx``)."""
+        safe.check_text(command, "CLI command")
+        if not (self.host_dir / "etc" / "asterisk.conf").exists():
+            # `asterisk -C <missing>` silently talks to the chroot's default instance: never do that.
+            if check:
+                raise PbxError(f"instance {self.config.instance} is not rendered")
+            return None
+        try:
+            out = subprocess.run(self._cmd("-rx", command), capture_output=True, text=True, timeout=timeout)
+        except (subprocess.TimeoutExpired, OSError) as exc:
+            if check:
+                raise PbxError(f"asterisk -rx {command!r}: {exc}") from exc
+            return None
+        if out.returncode != 0 or "Unable to connect" in out.stdout + out.stderr:
+            if check:
+                raise PbxError(f"asterisk -rx {command!r} failed: {out.stderr.strip() or out.stdout.strip()}")
+            return None
+        return out.stdout
+
+    def start(self, timeout: float = 30) -> None:
+        """Start Asterisk (or reload it if it is already running) and wait until it is fully booted."""
+        self.render()
+        if self.running():
+            self.rx("core reload")
+            return
+        self._clear_stale()
+        log_path = self.host_dir / "log" / "console.log"
+        with open(log_path, "ab") as out:
+            subprocess.Popen(self._cmd("-f"), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = self.rx("core waitfullybooted", check=False, timeout=10)
+            if status is not None:
+                self._wait_port(self.config.ami_port, deadline)
+                return
+            time.sleep(0.2)
+        raise PbxError(f"Asterisk instance {self.config.instance} did not boot in {timeout:.0f} s; "
+                       f"see {log_path}")
+
+    def _wait_port(self, port: int, deadline: float) -> None:
+        while time.monotonic() < deadline:
+            with socket.socket() as sock:
+                sock.settimeout(0.5)
+                if sock.connect_ex((self.config.host, port)) == 0:
+                    return
+            time.sleep(0.1)
+        raise PbxError(f"AMI port {port} did not open")
+
+    def _pid(self) -> int | None:
+        pidfile = self.host_dir / "run" / "asterisk.pid"
+        try:
+            return int(pidfile.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def _clear_stale(self) -> None:
+        pid = self._pid()
+        if pid and _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+        for leftover in (self.host_dir / "run").glob("*"):
+            leftover.unlink(missing_ok=True)
+
+    def stop(self, timeout: float = 15) -> None:
+        """Stop now (calls are hung up); kill if it does not go."""
+        pid = self._pid()
+        self.rx("core stop now", check=False, timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while pid and _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if pid and _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+    def install_prompt(self, source: Path, name: str) -> str:
+        """Copy a wav into the instance's prompt folder; returns the path Asterisk plays (no extension)."""
+        safe.sound_path(name, "prompt name")
+        target = self.host_dir / "prompts" / f"{name}.wav"
+        if not target.exists() or target.stat().st_size != source.stat().st_size:
+            shutil.copyfile(source, target)
+        return f"{self.config.prompt_dir}/{name}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child of ours counts as gone
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split()[2] != "Z"
+    except OSError:
+        return False

@@ -1,0 +1,1 @@
+"""online_chat: arrives with a later issue (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""sms: arrives with a later issue (see DESIGN.md)."""
