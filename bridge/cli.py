@@ -18,6 +18,7 @@ def _config(args: argparse.Namespace) -> Config:
 
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 # --------------------------------------------------------------------------------------------------- commands

@@ -26,7 +26,7 @@ from bridge.store import InteractionStore, StepRecord
 from ivr import safe
 from ivr.agi import AgiChannel, AgiCommandError, CallHangup, LinkLost, parse_env
 from ivr.ami import AmiClient, AmiError
-from ivr.flow import Flow, Problem, count_errors, load_flows
+from ivr.flow import Flow, Problem, load_flows
 from ivr.prompts import PromptLibrary, flow_texts
 
 log = logging.getLogger(__name__)
@@ -55,17 +55,39 @@ class FlowRegistry:
         self._task: asyncio.Task[None] | None = None
 
     def load(self) -> list[Problem]:
-        """Load all flows; on errors keep what was serving and return the problems."""
+        """Load all flows (at start-up). Returns every problem; on errors nothing changes."""
         flows, problems = load_flows(self.paths)
-        if count_errors(problems):
-            return problems
-        if self.default_flow not in flows:
-            return [*problems, Problem(str(self.paths[0]), 1, 1, "error",
-                                       f"default flow '{self.default_flow}' was not found")]
+        if not self._errors(flows, problems):
+            self._install(flows)
+        return problems
+
+    async def reload(self) -> bool:
+        """Reload from disk; prompts of the new version are rendered before it goes live."""
+        flows, problems = await asyncio.to_thread(load_flows, self.paths)
+        errors = self._errors(flows, problems)
+        if errors:
+            self._mtimes = self._scan()  # do not retry the same broken files every interval
+            for problem in errors:
+                log.error("flow reload refused, previous version keeps serving: %s", problem)
+            return False
+        if self.prompts is not None:
+            for language, text in set(flow_texts(flows.values())):
+                await self.prompts.ensure(text, language)
+        self._install(flows)
+        log.info("flows reloaded: %s", ", ".join(sorted(flows)))
+        return True
+
+    def _errors(self, flows: dict[str, Flow], problems: list[Problem]) -> list[Problem]:
+        errors = [p for p in problems if p.severity == "error"]
+        if not errors and self.default_flow not in flows:
+            errors.append(Problem(str(self.paths[0]), 1, 1, "error",
+                                  f"default flow '{self.default_flow}' was not found"))
+        return errors
+
+    def _install(self, flows: dict[str, Flow]) -> None:
         self.flows = flows
         self.by_number = {number: flow for flow in flows.values() for number in flow.numbers}
         self._mtimes = self._scan()
-        return problems
 
     def _scan(self) -> dict[Path, float]:
         out: dict[Path, float] = {}
@@ -74,25 +96,6 @@ class FlowRegistry:
                 with contextlib.suppress(OSError):
                     out[path] = path.stat().st_mtime
         return out
-
-    async def reload(self) -> bool:
-        """Reload from disk (prompts of the new version are rendered before it goes live)."""
-        flows, problems = await asyncio.to_thread(load_flows, self.paths)
-        self._mtimes = self._scan()
-        errors = [p for p in problems if p.severity == "error"]
-        if not errors and self.default_flow not in flows:
-            errors.append(Problem(str(self.paths[0]), 1, 1, "error", f"default flow '{self.default_flow}' missing"))
-        if errors:
-            for problem in errors:
-                log.error("flow reload refused, previous version keeps serving: %s", problem)
-            return False
-        if self.prompts is not None:
-            for language, text in set(flow_texts(flows.values())):
-                await self.prompts.ensure(text, language)
-        self.flows = flows
-        self.by_number = {number: flow for flow in flows.values() for number in flow.numbers}
-        log.info("flows reloaded: %s", ", ".join(sorted(flows)))
-        return True
 
     def for_number(self, dialled: str) -> Flow:
         return self.by_number.get(dialled) or self.flows[self.default_flow]
@@ -153,8 +156,10 @@ class CallContext:
         s.engine.bus.publish("input", call_id=s.call_id, node=node, event=event, value=value)
         s.log.info("%s: %s%s", node, event, f" {value}" if value else "")
 
-    def set_var(self, name: str, value: str) -> None:
+    def set_var(self, name: str, value: str, record: bool = True) -> None:
         self.vars[safe.var_name(name)] = value
+        if record:
+            self.session.steps.append(StepRecord(self.session.current or "", "set", f"{name}={value}"))
         if name == "language" and value in self.flow.languages:
             self.language = value
         if name == "intent":
@@ -217,8 +222,7 @@ class CallSession:
         ctx = CallContext(self, flow, language, {"dialled": self.dialled, "caller": self.caller})
         start_node = flow.entry
         try:
-            start_node = await self._open(flow, language)
-            ctx.flow = engine.flows.flows.get(flow.name, flow) if self.resumed else flow
+            start_node = await self._open(ctx)
             await self._run_nodes(ctx, start_node)
             if ctx.outcome is None:  # the flow ran out of nodes: end the call
                 ctx.outcome = Outcome.COMPLETED
@@ -239,13 +243,21 @@ class CallSession:
         finally:
             await self._close(ctx)
 
-    async def _open(self, flow: Flow, language: str) -> str:
+    async def _open(self, ctx: CallContext) -> str:
+        """Create the interaction, or pick up the stored one of an adopted call (node, variables)."""
         store = self.engine.store
+        flow, language = ctx.flow, ctx.language
         if self.resumed:
             existing = await store.find_by_uniqueid(self.uniqueid) if self.uniqueid else None
             if existing is not None and existing.outcome is None:
                 self.call_id = existing.id
+                self.sip_call_id = existing.sip_call_id
+                self.log = CallLog(log, {"call": self.call_id[:8]})
                 self.steps = [StepRecord(s.node, s.event, s.value, s.at) for s in existing.steps]
+                for step in existing.steps:
+                    if step.event == "set" and step.value and "=" in step.value:
+                        name, _, value = step.value.partition("=")
+                        ctx.set_var(name, value, record=False)
                 self._saved = len(self.steps)
                 entered = [s.node for s in existing.steps if s.event == "enter" and s.node in flow.nodes]
                 self.log.info("resuming call %s at %s", self.call_id, entered[-1] if entered else flow.entry)
@@ -377,21 +389,24 @@ class IvrEngine:
             session = self.sessions.get(channel)
             if session is not None:
                 session.deliver(message)
+        elif event == "FullyBooted":
+            # Asterisk sends it to every new AMI session once it is up (and after its own restart):
+            # the moment to rebuild call state from the source of truth.
+            task = asyncio.create_task(self.resync(), name="ivr-resync")
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     def _on_link(self, up: bool) -> None:
         if not up:
             for session in self.sessions.values():
                 session.deliver(LinkLost("AMI link lost"))
-            return
-        task = asyncio.create_task(self.resync(), name="ivr-resync")
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
 
     async def resync(self) -> None:
         """Rebuild call state from Asterisk: adopt channels in AsyncAGI we do not run, end those that are gone."""
         try:
+            await self.ami.wait_connected(self.config.asterisk.ami_timeout)
             channels = await self.ami.list_action("CoreShowChannels", "CoreShowChannelsComplete")
-        except AmiError as exc:
+        except (AmiError, TimeoutError) as exc:
             log.warning("resync after reconnect failed: %s", exc)
             return
         live = {str(c.get("Channel")): c for c in channels}

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
@@ -91,11 +91,19 @@ class Hours(Strict):
     @field_validator("timezone")
     @classmethod
     def _known_zone(cls, value: str) -> str:
-        try:
+        try:  # the shape check first: ZoneInfo("a/a/a/...") overflows the stack instead of raising ValueError
+            if len(value) > 64 or not re.fullmatch(r"[A-Za-z0-9_+\-]+(/[A-Za-z0-9_+\-]+)*", value):
+                raise ValueError(value)
             zoneinfo.ZoneInfo(value)
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError) as exc:
             raise ValueError(f"unknown time zone {value!r}") from exc
         return value
+
+    @model_validator(mode="after")
+    def _window(self) -> Hours:
+        if self.close <= self.open:  # is_open() has no windows over midnight: they would never be open
+            raise ValueError(f"close {self.close:%H:%M} is not after open {self.open:%H:%M}")
+        return self
 
     def is_open(self, now: dt.datetime) -> bool:
         local = now.astimezone(zoneinfo.ZoneInfo(self.timezone))
@@ -145,7 +153,11 @@ class Positions:
     def of(self, path: Iterable[Any]) -> tuple[int, int]:
         node = self.root
         best = (1, 1)
+        if isinstance(node, CommentedMap | CommentedSeq) and node.lc.line is not None:
+            best = (node.lc.line + 1, node.lc.col + 1)  # the document's first key, after leading comments
         for key in path:
+            if isinstance(node, CommentedMap) and key not in node:  # 1: {...} is "1" once loaded (see _plain)
+                key = next((k for k in node if str(k) == str(key)), key)
             if isinstance(node, CommentedMap) and key in node:
                 line, col = node.lc.key(key)
                 best = (line + 1, col + 1)
@@ -236,6 +248,8 @@ class Loader:
     def validation_errors(self, exc: ValidationError, prefix: tuple[Any, ...], what: str) -> None:
         for err in exc.errors():
             loc = tuple(err["loc"])
+            if loc and loc[-1] == "[key]":  # a bad mapping key (a menu digit): point at the key itself
+                loc = loc[:-1]
             field_path = ".".join(str(p) for p in loc)
             if err["type"] == "missing":
                 msg = f"{what}: missing field '{field_path}'"
@@ -257,8 +271,11 @@ class Loader:
             mark = exc.problem_mark or exc.context_mark
             line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
             what = (exc.problem or str(exc)).strip()
+            start = exc.context_mark
             if "duplicate key" in str(exc).lower() or type(exc).__name__ == "DuplicateKeyError":
-                what = f"duplicate key: {what}"
+                what = f"duplicate key: {what.split(' with value ')[0]}"  # not a dump of both values
+            elif exc.context and start and mark and start.line != mark.line:  # e.g. where an unclosed [ opened
+                what = f"{what} ({exc.context.strip()} started at {start.line + 1}:{start.column + 1})"
             self.problem_at(line, col, f"YAML: {what}")
         except YAMLError as exc:
             self.problem_at(1, 1, f"YAML: {exc}")
@@ -274,7 +291,7 @@ class Loader:
             return None
         self.positions = Positions(doc)
         if not isinstance(doc, Mapping):
-            self.problem_at(1, 1, "a flow file must be a mapping with 'flow', 'languages', 'entry' and 'nodes'")
+            self.problem((), "a flow file must be a mapping with 'flow', 'languages', 'entry' and 'nodes'")
             return None
         raw = _plain(doc)
         try:
@@ -326,7 +343,7 @@ class Loader:
         for node_id in broken:
             edges[node_id] = []
         reachable = _reachable(flow.entry, edges)
-        for node_id in flow.nodes:
+        for node_id in flow.nodes if not reachable & broken else ():  # a reachable broken node's edges are unknown
             if node_id not in reachable:
                 self.problem(("nodes", node_id), f"node '{node_id}' is unreachable from entry '{flow.entry}'")
         for component in _strongly_connected(edges):

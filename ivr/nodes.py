@@ -9,7 +9,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from ivr import safe
 from ivr.flow import FlowContext, Prompt
@@ -110,21 +120,20 @@ class _Retrying(Node):
     on_failure: str
 
 
+def _digit_key(key: str) -> str:
+    if len(key) != 1 or key not in "0123456789*#":
+        raise ValueError(f"option {key!r} is not a single key 0-9, * or #")
+    return key
+
+
 @register("menu")
 class MenuNode(_Retrying):
     """DTMF menu: a prompt, options by digit, reprompts on no input / invalid input, then ``on_failure``."""
 
     is_menu: ClassVar[bool] = True
     prompt: PromptField
-    options: dict[str, MenuOption] = Field(min_length=1)
-
-    @field_validator("options")
-    @classmethod
-    def _digits(cls, value: dict[str, MenuOption]) -> dict[str, MenuOption]:
-        for key in value:
-            if len(key) != 1 or key not in "0123456789*#":
-                raise ValueError(f"option {key!r} is not a single key 0-9, * or #")
-        return value
+    # validated key by key so an error names (and points at) the bad digit
+    options: dict[Annotated[str, AfterValidator(_digit_key)], MenuOption] = Field(min_length=1)
 
     def edges(self) -> list[Edge]:
         out = [(opt.next, ("options", key, "next")) for key, opt in self.options.items()]
@@ -172,11 +181,12 @@ class CollectNode(_Retrying):
     def _var(cls, value: str) -> str:
         return safe.var_name(value)
 
-    @model_validator(mode="after")
-    def _range(self) -> CollectNode:
-        if self.min_digits > self.max_digits:
-            raise ValueError("min_digits is larger than max_digits")
-        return self
+    @field_validator("max_digits")
+    @classmethod
+    def _range(cls, value: int, info: ValidationInfo) -> int:  # a field validator, so the error points at it
+        if value < info.data.get("min_digits", 1):
+            raise ValueError(f"{value} is smaller than min_digits {info.data['min_digits']}")
+        return value
 
     def edges(self) -> list[Edge]:
         return [(self.next, ("next",)), (self.on_failure, ("on_failure",))]
@@ -375,20 +385,23 @@ def parse_node(ctx: FlowContext, node_id: str, body: Any) -> Node | None:
         for i, case in enumerate(node.cases):
             hours = case.open or case.closed
             if hours is not None and hours not in header.hours:
-                ctx.problem((*where, "cases", i), f"node '{node_id}': hours '{hours}' are not defined in 'hours'")
+                test = "open" if case.open is not None else "closed"
+                ctx.problem((*where, "cases", i, test), f"node '{node_id}': hours '{hours}' are not defined in 'hours'")
                 ok = False
-    for name, value in _assignments(node):
+    for path, name, value in _assignments(node):
         if name == "language" and value not in header.languages:
-            ctx.problem(where, f"node '{node_id}': language {value!r} is not in the flow's languages")
+            ctx.problem((*where, *path, name), f"node '{node_id}': language {value!r} is not in the flow's languages")
             ok = False
     return node if ok else None
 
 
-def _assignments(node: Node) -> list[tuple[str, str]]:
+def _assignments(node: Node) -> list[tuple[tuple[Any, ...], str, str]]:
+    """(path of the mapping in the node, name, value) of each variable the node sets."""
     if isinstance(node, SetNode):
-        return list(node.values.items())
+        return [(("values",), name, value) for name, value in node.values.items()]
     if isinstance(node, MenuNode):
-        return [item for opt in node.options.values() for item in opt.set.items()]
+        return [(("options", key, "set"), name, value)
+                for key, opt in node.options.items() for name, value in opt.set.items()]
     return []
 
 

@@ -95,7 +95,10 @@ async def _typed(call: SoftphoneCall) -> None:
     loop = asyncio.get_running_loop()
     _say("Type digits and Enter to send them; an empty line or q hangs up.")
     while not call.ended:
-        line = (await loop.run_in_executor(None, sys.stdin.readline)).strip()
+        raw = await loop.run_in_executor(None, sys.stdin.readline)
+        if raw == "":  # end of input (not a terminal): just listen until the call ends
+            return
+        line = raw.strip()
         if not line or line.lower() == "q":
             await call.hangup()
             return
