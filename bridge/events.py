@@ -84,16 +84,24 @@ class EventBus:
                 self._queue.task_done()
 
 
-async def subscribe(redis_url: str, channel: str) -> AsyncIterator[dict[str, Any]]:
-    """Yield events published on ``channel`` (used by the terminal softphone and tests)."""
+@contextlib.asynccontextmanager
+async def subscription(redis_url: str, channel: str) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
+    """Subscribe to ``channel``; inside the block, events published from then on can be iterated.
+
+    Used by the terminal softphone; subscribing before the call starts means no event of the call is missed.
+    """
     client = aioredis.from_url(redis_url)
     pubsub = client.pubsub()
-    await pubsub.subscribe(channel)
     try:
-        async for message in pubsub.listen():
-            if message.get("type") == "message":
-                with contextlib.suppress(ValueError):
-                    yield json.loads(message["data"])
+        await pubsub.subscribe(channel)
+
+        async def events() -> AsyncIterator[dict[str, Any]]:
+            async for message in pubsub.listen():
+                if message.get("type") == "message":
+                    with contextlib.suppress(ValueError):
+                        yield json.loads(message["data"])
+
+        yield events()
     finally:
         await pubsub.aclose()
         await client.aclose()

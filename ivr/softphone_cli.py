@@ -14,7 +14,7 @@ import sys
 from typing import Any
 
 from bridge.config import Config
-from bridge.events import subscribe
+from bridge.events import subscription
 from ivr import safe
 from ivr.softphone import CallFailed, Softphone, SoftphoneCall, SoftphoneConfig, sip_uri
 
@@ -68,16 +68,10 @@ class CallWatcher:
 
 
 async def _watch(config: Config, watcher: CallWatcher, ready: asyncio.Event) -> None:
-    stream = subscribe(config.redis.url, config.redis.events_channel)
-    first = asyncio.ensure_future(anext(stream))
-    await asyncio.sleep(0.2)  # let the subscription settle before the call starts
-    ready.set()
-    try:
-        watcher.handle(await first)
-        async for event in stream:
+    async with subscription(config.redis.url, config.redis.events_channel) as events:
+        ready.set()
+        async for event in events:
             watcher.handle(event)
-    finally:
-        await stream.aclose()  # type: ignore[attr-defined]
 
 
 async def _send_steps(call: SoftphoneCall, watcher: CallWatcher, steps: list[str], gap: float | None) -> None:
