@@ -79,13 +79,15 @@ class App:
         await start()
         self._closers.append(close)
 
-    async def aclose(self) -> None:
+    async def aclose(self, release_calls: bool = True) -> None:
+        """Stop. Calls still in the IVR go to the dialplan fallback, or with ``release_calls=False`` (a restart)
+        stay in AsyncAGI for the next ivr-bridge to resume."""
         # The engine must hand calls back while AMI is still up, so it closes before the AMI link.
         closers, self._closers = self._closers, []
         engine_close = self.engine.aclose
         if engine_close in closers:
             closers.remove(engine_close)
-            await engine_close()
+            await self.engine.aclose(release_calls)
         for close in reversed(closers):
             try:
                 await close()

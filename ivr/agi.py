@@ -71,12 +71,22 @@ def parse_result(raw: str) -> AgiResult:
 
 
 def parse_env(raw: str) -> dict[str, str]:
-    """The ``Env`` header of AsyncAGIStart: url-encoded ``agi_key: value`` lines."""
+    """The ``Env`` header of AsyncAGIStart: url-encoded ``agi_key: value`` lines.
+
+    Caller ID and name travel in the same text, so a caller can smuggle a line break and a fake ``agi_*`` line
+    into it. A key seen twice is therefore dropped entirely: neither copy can be trusted.
+    """
     env: dict[str, str] = {}
+    seen_twice: set[str] = set()
     for line in urllib.parse.unquote(raw).splitlines():
         key, sep, value = line.partition(": ")
         if sep and key.startswith("agi_"):
-            env[key[4:]] = value.strip()
+            name = key[4:]
+            if name in env:
+                seen_twice.add(name)
+            env[name] = value.strip()
+    for name in seen_twice:
+        del env[name]
     return env
 
 
@@ -127,7 +137,10 @@ class AgiChannel:
             if remaining <= 0:
                 raise AgiCommandError(f"no AGI result in {timeout:.0f} s")
             try:
-                item = await asyncio.wait_for(self.events.get(), remaining)
+                # Not asyncio.wait_for: on Python 3.11 it swallows a cancellation that arrives in the same loop
+                # iteration as the event (CPython gh-86296), and the call task would then run on after aclose().
+                async with asyncio.timeout(remaining):
+                    item = await self.events.get()
             except TimeoutError:
                 continue
             if isinstance(item, Exception):

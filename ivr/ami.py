@@ -240,7 +240,8 @@ class AmiClient:
         writer.write((EOL.join(lines) + EOL + EOL).encode("utf-8"))
         limit = timeout or self.settings.timeout
         try:
-            return await asyncio.wait_for(future, limit)
+            async with asyncio.timeout(limit):  # not wait_for: it can swallow a cancellation on 3.11 (gh-86296)
+                return await future
         except TimeoutError as exc:
             raise AmiTimeout(f"AMI action {name} got no answer in {limit:.1f} s") from exc
         finally:

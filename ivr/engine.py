@@ -194,7 +194,7 @@ class CallSession:
         self.agi = AgiChannel(engine.ami, channel, self.events)
         self.uniqueid = env.get("uniqueid", "")
         self.caller = safe.caller_number(env.get("callerid"))
-        dialled = env.get("arg_1", "")
+        dialled = env.get("extension", "")  # [ivr-entry] runs on the dialled number's extension
         self.dialled = dialled if safe.NUMBER_RE.fullmatch(dialled or "") else ""
         self.caller_country = _country(self.caller, engine.config.flows.default_region)
         self.call_id = ""
@@ -205,6 +205,7 @@ class CallSession:
         self._saved = 0
         self.log = CallLog(log, {"call": self.uniqueid or channel})
         self.task: asyncio.Task[None] | None = None
+        self.detached = False  # stopped without handing the call back: the next ivr-bridge resumes it
 
     def deliver(self, item: Message | Exception) -> None:
         self.events.put_nowait(item)
@@ -232,7 +233,7 @@ class CallSession:
                 ctx.outcome = Outcome.ABANDONED
                 self.log.info("caller hung up at %s", self.current)
         except asyncio.CancelledError:
-            if ctx.outcome is None:
+            if ctx.outcome is None and not self.detached:
                 ctx.outcome = Outcome.FAILED
             raise
         except Exception:
@@ -307,6 +308,14 @@ class CallSession:
         await self.agi.leave()
 
     async def _close(self, ctx: CallContext) -> None:
+        if self.detached and ctx.outcome is None:
+            # Left in Asterisk's AsyncAGI on purpose: save the path so far, keep the interaction open.
+            with contextlib.suppress(Exception):
+                if self.call_id:
+                    await asyncio.shield(self._flush())
+            self.engine.sessions.pop(self.channel, None)
+            self.log.info("left in AsyncAGI at %s for the next ivr-bridge to resume", self.current)
+            return
         outcome = ctx.outcome or Outcome.FAILED
         self.steps.append(StepRecord(self.current or "", "end", outcome.value))
         with contextlib.suppress(Exception):
@@ -353,22 +362,35 @@ class IvrEngine:
         self.ami.add_event_listener(self._on_event)
         self.ami.add_state_listener(self._on_link)
 
-    async def aclose(self) -> None:
-        """Hand every call still in the IVR to the dialplan fallback, then stop their tasks."""
+    async def aclose(self, release_calls: bool = True) -> None:
+        """Hand every call still in the IVR to the dialplan fallback, then stop their tasks.
+
+        ``release_calls=False`` (a restart) leaves the calls in AsyncAGI with their interactions open; the next
+        ivr-bridge adopts them on its first resync and resumes them at their node.
+        """
         sessions = list(self.sessions.values())
-        if sessions and self.ami.connected:
-            await asyncio.gather(*(self._release(s) for s in sessions), return_exceptions=True)
+        # Stop the call tasks first: while one runs it keeps sending AGI commands and consuming this call's
+        # AMI events, so a hand-over through AGI commands raced with it and usually timed out (dead air).
         for session in sessions:
+            session.detached = not release_calls
             if session.task is not None:
                 session.task.cancel()
         await asyncio.gather(*(s.task for s in sessions if s.task is not None), return_exceptions=True)
+        if release_calls and self.ami.connected:
+            interrupted = [s for s in sessions if s.task is not None and s.task.cancelled() and not s.agi.hung_up]
+            await asyncio.gather(*(self._release(s) for s in interrupted), return_exceptions=True)
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
 
     async def _release(self, session: CallSession) -> None:
-        with contextlib.suppress(AmiError, CallHangup, LinkLost, AgiCommandError, TimeoutError):
-            await asyncio.wait_for(session.hand_to_dialplan(*FALLBACK), 3)
+        """Send a call to the dialplan fallback at once. AMI Redirect, not AGI commands: those would only run
+        after the AGI command still in progress (the rest of a prompt, a digit wait of up to a minute)."""
+        with contextlib.suppress(AmiError):
+            response = await self.ami.action("Redirect", Channel=session.channel, Context=FALLBACK[0],
+                                             Exten=FALLBACK[1], Priority=1)
+            if response.get("Response") != "Success":
+                session.log.warning("could not hand the call to the fallback: %s", response.get("Message"))
 
     def _spawn(self, channel: str, env: dict[str, str], resumed: bool) -> None:
         try:
@@ -384,7 +406,12 @@ class IvrEngine:
         channel = str(message.get("Channel", ""))
         if event == "AsyncAGIStart":
             if channel not in self.sessions:
-                self._spawn(channel, parse_env(str(message.get("Env", ""))), resumed=False)
+                env = parse_env(str(message.get("Env", "")))
+                # The event's own headers come from the channel, not from text the caller can shape.
+                env["uniqueid"] = str(message.get("Uniqueid", ""))
+                env["callerid"] = str(message.get("CallerIDNum", ""))
+                env["extension"] = str(message.get("Exten", ""))
+                self._spawn(channel, env, resumed=False)
         elif event in ("AsyncAGIExec", "AsyncAGIEnd", "Hangup"):
             session = self.sessions.get(channel)
             if session is not None:
@@ -417,12 +444,6 @@ class IvrEngine:
             if info.get("Application") == "AGI" and info.get("Context") == ENTRY_CONTEXT \
                     and name not in self.sessions:
                 env = {"uniqueid": str(info.get("Uniqueid", "")), "callerid": str(info.get("CallerIDNum", "")),
-                       "arg_1": _dialled_from(str(info.get("ApplicationData", "")))}
+                       "extension": str(info.get("Exten", ""))}
                 log.info("adopting call on %s after reconnect", name)
                 self._spawn(name, env, resumed=True)
-
-
-def _dialled_from(app_data: str) -> str:
-    """``agi:async,100`` -> ``100``."""
-    _, _, rest = app_data.partition(",")
-    return rest.strip()

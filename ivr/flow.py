@@ -14,9 +14,9 @@ import zoneinfo
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
@@ -97,6 +97,13 @@ class Hours(Strict):
             zoneinfo.ZoneInfo(value)
         except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError) as exc:
             raise ValueError(f"unknown time zone {value!r}") from exc
+        return value
+
+    @field_validator("open", "close")
+    @classmethod
+    def _local_time(cls, value: dt.time) -> dt.time:  # 0 or "09:00Z" parse to aware times that is_open can't compare
+        if value.tzinfo is not None:
+            raise ValueError("must be a time of day like 09:00, without an offset (the zone is 'timezone')")
         return value
 
     @model_validator(mode="after")
@@ -184,13 +191,19 @@ def _plain(value: Any) -> Any:
 
 
 # --------------------------------------------------------------------------------------------------- loading
+def _dialled_number(number: str) -> str:
+    if not NUMBER_RE.fullmatch(number):
+        raise ValueError(f"dialled number {number!r} must be digits, optionally with a leading +")
+    return number
+
+
 class FlowHeader(Strict):
     flow: str
     description: str = ""
     languages: list[str] = Field(min_length=1)
     default_language: str | None = None
     entry: str
-    numbers: dict[str, str] = {}
+    numbers: dict[Annotated[str, AfterValidator(_dialled_number)], str] = {}  # per key: errors point at it
     destinations: dict[str, Destination] = {}
     hours: dict[str, Hours] = {}
     nodes: dict[str, Any] = Field(min_length=1)
@@ -210,13 +223,6 @@ class FlowHeader(Strict):
                 raise ValueError(f"{lang!r} is not a language tag like en or zh-CN")
         return value
 
-    @field_validator("numbers")
-    @classmethod
-    def _numbers(cls, value: dict[str, str]) -> dict[str, str]:
-        for number in value:
-            if not NUMBER_RE.fullmatch(number):
-                raise ValueError(f"dialled number {number!r} must be digits, optionally with a leading +")
-        return value
 
 
 class Loader:
@@ -337,7 +343,7 @@ class Loader:
                 if target in broken:
                     edges[node_id].append((target, path))
                 elif target not in flow.nodes:
-                    self.problem(("nodes", node_id, *path), f"node '{node_id}': next '{target}' does not exist")
+                    self.problem(("nodes", node_id, *path), f"node '{node_id}': {path[-1]} '{target}' does not exist")
                 else:
                     edges[node_id].append((target, path))
         for node_id in broken:

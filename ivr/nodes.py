@@ -76,6 +76,15 @@ def _safe_value(value: str) -> str:
     return value
 
 
+def _var_name(value: str) -> str:
+    return safe.var_name(value)
+
+
+# validated entry by entry, so an error names (and points at) the offending variable
+VarName = Annotated[str, AfterValidator(_var_name)]
+VarValue = Annotated[str, BeforeValidator(str), AfterValidator(_safe_value)]
+
+
 class _Next(Node):
     next: str | None = None
 
@@ -101,15 +110,7 @@ class SayNode(_Next):
 class MenuOption(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     next: str
-    set: dict[str, Annotated[str, BeforeValidator(str)]] = {}
-
-    @field_validator("set")
-    @classmethod
-    def _values(cls, value: dict[str, str]) -> dict[str, str]:
-        for name, item in value.items():
-            safe.var_name(name)
-            _safe_value(item)
-        return value
+    set: dict[VarName, VarValue] = {}
 
 
 class _Retrying(Node):
@@ -140,7 +141,8 @@ class MenuNode(_Retrying):
         return [*out, (self.on_failure, ("on_failure",))]
 
     async def run(self, call: CallContext) -> str | None:
-        keys = "".join(sorted(self.options))
+        # Any key interrupts the prompt: a key that is not an option must get the 'invalid' answer, not be lost.
+        keys = "0123456789*#"
         for attempt in range(self.retries + 1):
             digit = await call.play(self.prompt, escape_digits=keys)
             if digit is None:
@@ -231,16 +233,8 @@ class CollectNode(_Retrying):
 class SetNode(Node):
     """Set call variables (``language`` switches the prompts' language)."""
 
-    values: dict[str, Annotated[str, BeforeValidator(str)]] = Field(min_length=1)
+    values: dict[VarName, VarValue] = Field(min_length=1)
     next: str
-
-    @field_validator("values")
-    @classmethod
-    def _values(cls, value: dict[str, str]) -> dict[str, str]:
-        for name, item in value.items():
-            safe.var_name(name)
-            _safe_value(item)
-        return value
 
     def edges(self) -> list[Edge]:
         return [(self.next, ("next",))]

@@ -36,6 +36,7 @@ class AsteriskInstance:
         self.config = config
         self.hotline_numbers = [safe.digits(n.lstrip("+"), "hotline number") for n in hotline_numbers]
         self.host_dir = config.host_path(config.instance_dir)
+        self.process: subprocess.Popen[bytes] | None = None  # the Asterisk this object started, if any
 
     # ------------------------------------------------------------------------------------------ paths
     @property
@@ -62,7 +63,7 @@ class AsteriskInstance:
                 raise PbxError("secrets may contain only letters, digits, '-' and '_'")
         safe.name(cfg.ami_user, "AMI user")
         extensions = "\n".join(
-            f"exten => {n},1,Set(__IVR_DIALLED={n})\n same => n,Goto(ivr-entry,s,1)" for n in self.hotline_numbers)
+            f"exten => {n},1,Goto(ivr-entry,{n},1)" for n in self.hotline_numbers)
         return {
             "DOLLAR": "$",
             "INSTANCE_DIR": cfg.instance_dir,
@@ -132,8 +133,9 @@ class AsteriskInstance:
         self._clear_stale()
         log_path = self.host_dir / "log" / "console.log"
         with open(log_path, "ab") as out:
-            subprocess.Popen(self._cmd("-f"), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                             start_new_session=True)
+            # Kept so stop() can reap it (an unreaped child is a zombie and a ResourceWarning at exit).
+            self.process = subprocess.Popen(self._cmd("-f"), stdin=subprocess.DEVNULL, stdout=out,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             status = self.rx("core waitfullybooted", check=False, timeout=10)
@@ -176,6 +178,13 @@ class AsteriskInstance:
             time.sleep(0.1)
         if pid and _alive(pid):
             os.kill(pid, signal.SIGKILL)
+        if self.process is not None:  # reap the child we started
+            try:
+                self.process.wait(timeout=max(deadline - time.monotonic(), 1.0))
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            self.process = None
 
     def install_prompt(self, source: Path, name: str) -> str:
         """Copy a wav into the instance's prompt folder; returns the path Asterisk plays (no extension)."""
