@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -356,7 +355,6 @@ class IvrEngine:
         self.bus = bus
         self.sessions: dict[str, CallSession] = {}
         self._background: set[asyncio.Task[Any]] = set()
-        self.on_session_end: Callable[[CallSession], None] | None = None
 
     async def start(self) -> None:
         self.ami.add_event_listener(self._on_event)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
 import socket
 import string
@@ -185,14 +184,6 @@ class AsteriskInstance:
                 self.process.kill()
                 self.process.wait()
             self.process = None
-
-    def install_prompt(self, source: Path, name: str) -> str:
-        """Copy a wav into the instance's prompt folder; returns the path Asterisk plays (no extension)."""
-        safe.sound_path(name, "prompt name")
-        target = self.host_dir / "prompts" / f"{name}.wav"
-        if not target.exists() or target.stat().st_size != source.stat().st_size:
-            shutil.copyfile(source, target)
-        return f"{self.config.prompt_dir}/{name}"
 
 
 def _alive(pid: int) -> bool:

@@ -1,7 +1,7 @@
 """Prompts: text rendered by pyttsx3 (espeak-ng) to 8 kHz mono wav, cached by a hash of text, voice and language.
 
-Files go straight into the Asterisk instance's prompt folder; ``<key>.txt`` beside each wav keeps its text so logs
-and the terminal softphone can show what was said. Rendering is blocking work (pyttsx3, sox) and runs in one worker
+Files go straight into the Asterisk instance's prompt folder; ``<key>.txt`` beside each wav keeps its text so an
+operator can tell what each file says. Rendering is blocking work (pyttsx3, sox) and runs in one worker
 thread, never on the event loop; pyttsx3's engine is not thread-safe, hence a single thread.
 """
 
@@ -66,12 +66,6 @@ class PromptLibrary:
 
     def exists(self, text: str, language: str) -> bool:
         return (self.dir / f"{self.key(text, language)}.wav").exists()
-
-    def text_of(self, key: str) -> str | None:
-        try:
-            return (self.dir / f"{key}.txt").read_text(encoding="utf-8")
-        except OSError:
-            return None
 
     # ------------------------------------------------------------------------------------------ rendering
     async def ensure(self, text: str, language: str) -> str:
