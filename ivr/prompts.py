@@ -51,6 +51,7 @@ class PromptLibrary:
         self.dir = asterisk.host_path(asterisk.prompt_dir)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tts")
         self._local = threading.local()
+        self._ready: dict[tuple[str, str], str] = {}
 
     def key(self, text: str, language: str) -> str:
         voice = self.voice(language)
@@ -69,9 +70,14 @@ class PromptLibrary:
 
     # ------------------------------------------------------------------------------------------ rendering
     async def ensure(self, text: str, language: str) -> str:
+        """The path to play for this prompt, rendering it first (off the event loop) if it is missing."""
+        ready = self._ready.get((text, language))
+        if ready is not None:  # the hot path: no hashing, no file system call
+            return ready
         if not self.exists(text, language):
             await asyncio.get_running_loop().run_in_executor(self._executor, self.render, text, language)
-        return self.path(text, language)
+        path = self._ready[(text, language)] = self.path(text, language)
+        return path
 
     def render(self, text: str, language: str) -> Path:
         """Render one prompt (blocking); returns the wav path on this host."""
