@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import event, select
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy import Table, event, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import selectinload
 
-from bridge.models import Interaction, Outcome, Step, utcnow
+from bridge.models import Interaction, Outcome, Step, new_id, utcnow
+
+_INTERACTIONS: Table = Interaction.__table__  # type: ignore[assignment]
+_STEPS: Table = Step.__table__  # type: ignore[assignment]
 
 
 @dataclass(frozen=True)
@@ -29,18 +34,34 @@ class InteractionStore:
         self.url = url
         self.engine: AsyncEngine | None = None
         self.sessions: async_sessionmaker | None = None
+        self._queued: list[_Op] = []
+        self._writer: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         if self.url.startswith("sqlite"):
             path = self.url.split("///", 1)[-1]
             if path and path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self.engine = create_async_engine(self.url, pool_pre_ping=True)
-        if self.url.startswith("sqlite"):
+            # One connection: SQLite takes one writer at a time, and calls writing through several pooled
+            # connections wait on its file lock in sleeps of up to 100 ms (busy_timeout), then fail with
+            # "database is locked" under load. Queuing for the one connection in asyncio is fast and fair.
+            # No pre-ping (a SELECT 1 before every transaction) for a local file.
+            file_db = path not in ("", ":memory:") and "mode=memory" not in self.url
+            options = {"pool_size": 1, "max_overflow": 0} if file_db else {}
+            self.engine = create_async_engine(self.url, **options)
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+        else:
+            self.engine = create_async_engine(self.url, pool_pre_ping=True)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
 
     async def aclose(self) -> None:
+        if self._writer is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._writer), 10)
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._writer
+            self._writer = None
         if self.engine is not None:
             await self.engine.dispose()
             self.engine = None
@@ -56,24 +77,79 @@ class InteractionStore:
             session.add(record)
         return record
 
+    # update and add_steps run several times in every call: plain SQL statements on the tables, not the ORM's
+    # unit of work (a SELECT, object tracking and a flush cost milliseconds of CPU on the event loop each).
     async def update(self, interaction_id: str, **fields: object) -> None:
+        if not fields:
+            return
         async with self._maker().begin() as session:
-            record = await session.get(Interaction, interaction_id)
-            if record is not None:
-                for key, value in fields.items():
-                    setattr(record, key, value)
+            await session.execute(update(_INTERACTIONS).where(_INTERACTIONS.c.id == interaction_id).values(fields))
 
     async def add_steps(self, interaction_id: str, first_seq: int, steps: Sequence[StepRecord]) -> None:
         if not steps:
             return
         async with self._maker().begin() as session:
-            session.add_all(Step(interaction_id=interaction_id, seq=first_seq + i, node=s.node, event=s.event,
-                                 value=s.value, at=s.at or utcnow()) for i, s in enumerate(steps))
+            await session.execute(insert(_STEPS), _step_rows(interaction_id, first_seq, steps))
+
+    # ---- write-behind: what calls write while they run (the interaction, a step row per node, the outcome) goes
+    # through one ordered queue. A writer task takes everything queued and commits it in one transaction (group
+    # commit), so the number of transactions does not grow with the number of calls, and a call never waits
+    # for the database in front of its next prompt. Operations of one call stay in order; each future completes
+    # once its operation is committed.
+    def create_soon(self, **fields: object) -> tuple[str, asyncio.Future[None]]:
+        """Queue a new interaction; returns its id at once and a future that completes when it is stored."""
+        row = {"id": new_id(), "started_at": utcnow(), **fields}
+        return str(row["id"]), self._submit("interactions", [row])
+
+    def queue_steps(self, interaction_id: str, first_seq: int, steps: Sequence[StepRecord]) -> asyncio.Future[None]:
+        """Queue steps (after what this call queued before); the future completes when they are committed."""
+        return self._submit("steps", _step_rows(interaction_id, first_seq, steps))
+
+    def _submit(self, kind: str, rows: list[dict[str, object]]) -> asyncio.Future[None]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        if not rows:
+            future.set_result(None)
+            return future
+        self._queued.append((kind, rows, future))
+        if self._writer is None or self._writer.done():
+            self._writer = loop.create_task(self._write_queued(), name="store-writer")
+        return future
+
+    async def _write_queued(self) -> None:
+        batch: list[_Op] = []
+        try:
+            while self._queued:
+                batch, self._queued = self._queued, []
+                try:
+                    async with self._maker().begin() as session:
+                        await _apply(session, batch)
+                except Exception as exc:
+                    if len(batch) == 1:
+                        _settle(batch[0][2], exc)
+                    else:  # one bad operation (e.g. steps of an unknown call) must not lose the others
+                        for op in batch:
+                            try:
+                                async with self._maker().begin() as session:
+                                    await _apply(session, [op])
+                            except Exception as op_exc:
+                                _settle(op[2], op_exc)
+                for _, _, future in batch:
+                    _settle(future, None)
+                batch = []
+        except BaseException as exc:
+            for _, _, future in batch + self._queued:
+                _settle(future, exc if isinstance(exc, Exception) else RuntimeError("store writer stopped"))
+            self._queued = []
+            if not isinstance(exc, Exception):
+                raise
 
     async def finish(self, interaction_id: str, outcome: Outcome, node: str | None,
                      destination: str | None = None, **fields: object) -> None:
-        await self.update(interaction_id, outcome=outcome.value, outcome_node=node, destination=destination,
-                          ended_at=utcnow(), state="ended", **fields)
+        """Store the outcome (through the write-behind queue, after the call's queued writes); waits for it."""
+        values = {"outcome": outcome.value, "outcome_node": node, "destination": destination,
+                  "ended_at": utcnow(), "state": "ended", **fields}
+        await self._submit("update", [{"_id": interaction_id, **values}])
 
     async def get(self, interaction_id: str) -> Interaction | None:
         async with self._maker()() as session:
@@ -95,9 +171,51 @@ class InteractionStore:
             return list(result.scalars())
 
 
+_Op = tuple[str, list[dict[str, object]], asyncio.Future[None]]   # (table or "update", rows, done)
+
+
+async def _apply(session: AsyncSession, ops: list[_Op]) -> None:
+    """Run queued operations in order; consecutive inserts into one table with the same columns go together."""
+    i = 0
+    while i < len(ops):
+        kind, rows, _ = ops[i]
+        if kind == "update":
+            for row in rows:
+                values = {k: v for k, v in row.items() if k != "_id"}
+                await session.execute(update(_INTERACTIONS).where(_INTERACTIONS.c.id == row["_id"]).values(values))
+            i += 1
+            continue
+        keys = rows[0].keys()
+        run: list[dict[str, object]] = []
+        while i < len(ops) and ops[i][0] == kind and all(r.keys() == keys for r in ops[i][1]):
+            run.extend(ops[i][1])
+            i += 1
+        if not run:  # rows of one operation with different columns
+            run = rows
+            i += 1
+        await session.execute(insert(_INTERACTIONS if kind == "interactions" else _STEPS), run)
+
+
+def _step_rows(interaction_id: str, first_seq: int, steps: Sequence[StepRecord]) -> list[dict[str, object]]:
+    return [{"interaction_id": interaction_id, "seq": first_seq + i, "node": s.node, "event": s.event,
+             "value": s.value, "at": s.at or utcnow()} for i, s in enumerate(steps)]
+
+
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+
+
 def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:
     cursor = dbapi_connection.cursor()  # type: ignore[attr-defined]
     cursor.execute("PRAGMA journal_mode=WAL")
+    # WAL with synchronous=NORMAL: no fsync per commit (the WAL is synced at checkpoints); the database stays
+    # consistent and survives an ivr-bridge crash, only the last commits can be lost if the machine loses power.
+    cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=5000")
     cursor.close()

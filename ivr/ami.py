@@ -26,6 +26,9 @@ from ivr import safe
 log = logging.getLogger(__name__)
 
 EOL = "\r\n"
+# Headers an event carries once; seeing one twice means a value smuggled in a line break.
+_SINGLE_HEADERS = ("Event", "Channel", "Uniqueid", "Linkedid", "CommandID", "ActionID", "Exten", "Context",
+                   "Result", "Env", "CallerIDNum", "CallerIDName")
 EventListener = Callable[[Message], None]
 StateListener = Callable[[bool], Awaitable[None] | None]
 
@@ -95,7 +98,8 @@ class AmiClient:
         return self._connected.is_set()
 
     async def wait_connected(self, timeout: float | None = None) -> None:
-        await asyncio.wait_for(self._connected.wait(), timeout)
+        async with asyncio.timeout(timeout):
+            await self._connected.wait()
 
     # ------------------------------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -138,9 +142,11 @@ class AmiClient:
 
     async def _session(self) -> None:
         s = self.settings
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(s.host, s.port), s.timeout)
+        async with asyncio.timeout(s.timeout):
+            reader, writer = await asyncio.open_connection(s.host, s.port)
         self._writer = writer
-        greeting = await asyncio.wait_for(reader.readline(), s.timeout)
+        async with asyncio.timeout(s.timeout):
+            greeting = await reader.readline()
         if not greeting.startswith(b"Asterisk Call Manager"):
             raise AmiError(f"not an AMI server: {greeting[:60]!r}")
         reader_task = asyncio.create_task(self._read_loop(reader), name="ami-reader")
@@ -187,6 +193,13 @@ class AmiClient:
                 future = self._pending.pop(message.get("ActionID", ""), None)
                 if future is not None and not future.done():
                     future.set_result(message)
+                continue
+            forged = [key for key in _SINGLE_HEADERS if isinstance(message.get(key), list)]
+            if forged:
+                # Asterisk writes caller numbers into events unescaped: a caller-supplied line break shows up as
+                # a repeated header. Such an event cannot be trusted as a whole.
+                log.warning("dropping AMI %s event with repeated %s headers (forged by a caller?)",
+                            message.get("Event"), ", ".join(forged))
                 continue
             if message.get("Event") == "Shutdown":
                 log.warning("Asterisk is shutting down")
@@ -270,7 +283,8 @@ class AmiClient:
             response = await self.action(name, action_id=action_id, **headers)
             if response.get("Response") != "Success":
                 raise AmiError(f"{name} failed: {response.get('Message')}", response)
-            await asyncio.wait_for(done, self.settings.timeout)
+            async with asyncio.timeout(self.settings.timeout):
+                await done
             return items
         finally:
             self._event_listeners.remove(collect)

@@ -202,6 +202,8 @@ class CallSession:
         self.current: str | None = None
         self.steps: list[StepRecord] = []
         self._saved = 0
+        self._flush_lock = asyncio.Lock()
+        self._writes: set[asyncio.Future[None]] = set()
         self.log = CallLog(log, {"call": self.uniqueid or channel})
         self.task: asyncio.Task[None] | None = None
         self.detached = False  # stopped without handing the call back: the next ivr-bridge resumes it
@@ -210,10 +212,29 @@ class CallSession:
         self.events.put_nowait(item)
 
     async def _flush(self) -> None:
+        """Save every step not saved yet, after the queued ones (the end of a call waits for this)."""
+        if self._writes:
+            await asyncio.gather(*self._writes, return_exceptions=True)
+        async with self._flush_lock:  # one write at a time per call, in order
+            pending = self.steps[self._saved:]
+            if pending:
+                await self.engine.store.queue_steps(self.call_id, self._saved, pending)
+                self._saved += len(pending)
+
+    def _flush_soon(self) -> None:
+        """Queue the steps so far for the store's group commit: the next prompt does not wait for SQL."""
         pending = self.steps[self._saved:]
-        if pending:
-            await self.engine.store.add_steps(self.call_id, self._saved, pending)
-            self._saved += len(pending)
+        if not pending or not self.call_id or self._flush_lock.locked():
+            return
+        future = self.engine.store.queue_steps(self.call_id, self._saved, pending)
+        self._saved += len(pending)
+        self._writes.add(future)
+        future.add_done_callback(self._write_done)
+
+    def _write_done(self, future: asyncio.Future[None]) -> None:
+        self._writes.discard(future)
+        if not future.cancelled() and future.exception() is not None:
+            self.log.warning("could not save to the database: %s", future.exception())
 
     async def run(self) -> None:
         engine = self.engine
@@ -265,10 +286,13 @@ class CallSession:
                 return entered[-1] if entered else flow.entry
         with contextlib.suppress(AgiCommandError):
             self.sip_call_id = (await self.agi.get_full_variable("${CHANNEL(pjsip,call-id)}")) or ""
-        record = await store.create(channel="voice", state="ivr", caller=self.caller, dialled=self.dialled,
-                                    flow=flow.name, language=language, asterisk_channel=self.channel,
-                                    asterisk_uniqueid=self.uniqueid, sip_call_id=self.sip_call_id[:128])
-        self.call_id = record.id
+        # Queued, not awaited: the first prompt does not wait for the database (steps queue up behind it).
+        self.call_id, created = store.create_soon(
+            channel="voice", state="ivr", caller=self.caller, dialled=self.dialled, flow=flow.name,
+            language=language, asterisk_channel=self.channel, asterisk_uniqueid=self.uniqueid,
+            sip_call_id=self.sip_call_id[:128])
+        self._writes.add(created)
+        created.add_done_callback(self._write_done)
         self.log = CallLog(log, {"call": self.call_id[:8]})
         self.log.info("call from %s to %s on %s (flow %s)", self.caller, self.dialled or "-", self.channel,
                       flow.name)
@@ -282,13 +306,13 @@ class CallSession:
             self.current = node_id
             self.steps.append(StepRecord(node_id, "enter"))
             self.engine.bus.publish("node", call_id=self.call_id, node=node_id, node_type=node.type)
-            await self._flush()
+            self._flush_soon()
             try:
                 node_id = await node.run(ctx)
             except LinkLost:
                 self.steps.append(StepRecord(node_id, "link-lost"))
                 self.log.warning("AMI link lost in %s; replaying it once the link is back", node_id)
-                await asyncio.wait_for(self.engine.ami.wait_connected(), LINK_WAIT)
+                await self.engine.ami.wait_connected(LINK_WAIT)
                 self._drain()
                 continue
 
@@ -412,7 +436,8 @@ class IvrEngine:
                 self._spawn(channel, env, resumed=False)
         elif event in ("AsyncAGIExec", "AsyncAGIEnd", "Hangup"):
             session = self.sessions.get(channel)
-            if session is not None:
+            uniqueid = message.get("Uniqueid")
+            if session is not None and (not uniqueid or not session.uniqueid or uniqueid == session.uniqueid):
                 session.deliver(message)
         elif event == "FullyBooted":
             # Asterisk sends it to every new AMI session once it is up (and after its own restart):

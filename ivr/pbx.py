@@ -61,8 +61,11 @@ class AsteriskInstance:
             if not safe.NAME_RE.fullmatch(value.replace("-", "").replace("_", "") or "x"):
                 raise PbxError("secrets may contain only letters, digits, '-' and '_'")
         safe.name(cfg.ami_user, "AMI user")
+        # First thing, keep only digits and '+' of the caller's number: Asterisk URI-decodes the SIP From user
+        # into CALLERID(num) and writes it unescaped into AMI events, so CR/LF in it could forge AMI events.
         extensions = "\n".join(
-            f"exten => {n},1,Goto(ivr-entry,{n},1)" for n in self.hotline_numbers)
+            f"exten => {n},1,Set(CALLERID(num)=${{FILTER(0-9+,${{CALLERID(num)}})}})\n"
+            f" same => n,Goto(ivr-entry,{n},1)" for n in self.hotline_numbers)
         return {
             "DOLLAR": "$",
             "INSTANCE_DIR": cfg.instance_dir,
