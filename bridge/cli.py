@@ -7,6 +7,7 @@ import asyncio
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from bridge.config import Config, ConfigError, ensure_secrets, load_config
 from ivr.pbx import AsteriskInstance
@@ -134,8 +135,7 @@ def cmd_interactions(args: argparse.Namespace) -> int:
         await store.start()
         try:
             for item in await store.recent(args.limit):
-                path = " > ".join(f"{s.node}:{s.event}{'=' + s.value if s.value else ''}"
-                                  for s in item.steps if s.event != "enter")
+                path = _path(item.steps)
                 print(f"{item.started_at:%Y-%m-%d %H:%M:%S} {item.id[:8]} {item.caller:>14} -> {item.dialled:<5} "
                       f"{item.outcome or 'in progress':<11} at {item.outcome_node or '-'}  {path}")
         finally:
@@ -143,6 +143,21 @@ def cmd_interactions(args: argparse.Namespace) -> int:
 
     asyncio.run(show())
     return 0
+
+
+def _path(steps: list[Any]) -> str:
+    """``main[2] > orders[1] > order_number[12345] > goodbye``: nodes entered, with what the caller pressed."""
+    parts: list[str] = []
+    for step in steps:
+        if step.event == "enter":
+            parts.append(step.node)
+        elif step.event == "resumed":
+            parts.append("(ivr-bridge restarted)")
+        elif step.event in ("chose", "collected", "invalid") and parts:
+            parts[-1] += f"[{step.value}]"
+        elif step.event in ("no-input", "link-lost", "transfer") and parts:
+            parts[-1] += f"[{step.event}{'=' + step.value if step.value else ''}]"
+    return " > ".join(parts)
 
 
 def cmd_call(args: argparse.Namespace) -> int:

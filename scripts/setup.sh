@@ -71,11 +71,13 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$VENV/bin/ivr-bri
 else
   step "Installing the project into $VENV"
   [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-  "$VENV/bin/pip" install -q --upgrade pip >/dev/null
-  if [ "$MODE" = test ]; then
-    "$VENV/bin/pip" install -q -e "$ROOT[dev]"
-  else
-    "$VENV/bin/pip" install -q -e "$ROOT"
+  target="$ROOT"
+  [ "$MODE" = test ] && target="$ROOT[dev]"
+  pip_log="$VENV/pip-install.log"
+  if ! { "$VENV/bin/pip" install -q --upgrade pip && "$VENV/bin/pip" install -q -e "$target"; } >"$pip_log" 2>&1; then
+    tail -n 30 "$pip_log"
+    echo "pip install failed (full log: $pip_log)" >&2
+    exit 1
   fi
   echo "$want" >"$stamp"
 fi
