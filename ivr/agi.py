@@ -25,6 +25,10 @@ _RESULT_RE = re.compile(r"^(?P<code>\d{3})[ -]result=(?P<result>-?\d*)\s*(?:\((?
                         r"(?:\s*endpos=(?P<endpos>\d+))?")
 
 
+def _wake(channel: str) -> tuple[str, dict[str, str]]:
+    return ("Setvar", {"Channel": channel, "Variable": "TIMEOUT(absolute)", "Value": "0"})
+
+
 class CallHangup(Exception):
     """The caller hung up (or the channel left AsyncAGI): a normal end of the call, not an error."""
 
@@ -118,7 +122,12 @@ class AgiChannel:
         text = " ".join([verb, *(quote_arg(a) for a in args)])
         command_id = f"{self.ami.new_action_id()}-c{next(self._ids)}"
         try:
-            response = await self.ami.action("AGI", Channel=self.channel, Command=text, CommandID=command_id)
+            # Asterisk's AsyncAGI loop only looks for queued commands when a frame arrives from the caller (every
+            # 20 ms) or after 100 ms. Writing TIMEOUT(absolute)=0 (no absolute timeout: the IVR sets none) queues a
+            # null frame on the channel, which wakes it at once: the command starts without waiting for the
+            # caller's next packet.
+            response = await self.ami.action("AGI", Channel=self.channel, Command=text, CommandID=command_id,
+                                             then=_wake(self.channel))
         except (AmiDisconnected, AmiTimeout) as exc:
             raise LinkLost(str(exc)) from exc
         if response.get("Response") != "Success":

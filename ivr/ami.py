@@ -33,6 +33,14 @@ EventListener = Callable[[Message], None]
 StateListener = Callable[[bool], Awaitable[None] | None]
 
 
+def _frame(name: str, action_id: str, headers: dict[str, Any]) -> bytes:
+    lines = [f"Action: {safe.name(name, 'AMI action')}", f"ActionID: {action_id}"]
+    for key, value in headers.items():
+        safe.name(key, "AMI header")
+        lines.append(f"{key}: {safe.check_text(str(value), f'AMI header {key}')}")
+    return (EOL.join(lines) + EOL + EOL).encode("utf-8")
+
+
 class AmiError(Exception):
     """An AMI action failed. ``retryable`` says whether trying again later may work."""
 
@@ -238,19 +246,23 @@ class AmiClient:
 
     # ------------------------------------------------------------------------------------------ actions
     async def action(self, name: str, *, timeout: float | None = None, action_id: str | None = None,
-                     _allow_before_login: bool = False, **headers: Any) -> Message:
-        """Send one action and return its response message. Header values are checked for CR/LF/NUL."""
+                     then: tuple[str, dict[str, str]] | None = None, _allow_before_login: bool = False,
+                     **headers: Any) -> Message:
+        """Send one action and return its response message. Header values are checked for CR/LF/NUL.
+
+        ``then`` is a second action written right behind it, whose answer nobody waits for (AMI runs one
+        session's actions in order, so it takes effect after the first).
+        """
         writer = self._writer
         if writer is None or (not _allow_before_login and not self._connected.is_set()):
             raise AmiDisconnected(f"AMI is not connected (action {name})")
         action_id = action_id or self.new_action_id()
-        lines = [f"Action: {safe.name(name, 'AMI action')}", f"ActionID: {action_id}"]
-        for key, value in headers.items():
-            safe.name(key, "AMI header")
-            lines.append(f"{key}: {safe.check_text(str(value), f'AMI header {key}')}")
+        data = _frame(name, action_id, headers)
+        if then is not None:
+            data += _frame(then[0], f"{action_id}-then", then[1])
         future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self._pending[action_id] = future
-        writer.write((EOL.join(lines) + EOL + EOL).encode("utf-8"))
+        writer.write(data)
         limit = timeout or self.settings.timeout
         try:
             async with asyncio.timeout(limit):  # not wait_for: it can swallow a cancellation on 3.11 (gh-86296)
