@@ -888,8 +888,7 @@ def print_report(results: list[PhaseResult], targets: list[tuple[str, str, str, 
         if r.mode == "ivr":
             first = sum(1 for v in r.latencies_ms if v < 30) / len(r.latencies_ms) if r.latencies_ms else 0.0
             if not silent_caller:
-                print(f"  {r.name}: {first:.0%} of digits got their next prompt at the caller's first RTP packet "
-                      f"after the digit (< 30 ms; AsyncAGI starts a queued command only when a frame arrives)")
+                print(f"  {r.name}: {first:.0%} of digits got their next prompt within 30 ms")
             extra = (f"  {r.name}: ivr-bridge CPU {r.bridge_cpu_s / r.calls * 1000:.1f} ms/call, event-loop "
                      f"thread {r.bridge_main_cpu_s / r.calls * 1000:.1f} ms/call; AsyncAGIExec (digit) -> next "
                      f"STREAM FILE p50 "
