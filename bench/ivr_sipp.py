@@ -97,28 +97,24 @@ def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def cpu_seconds(pid: int | None) -> float:
-    """utime + stime of a process (all its threads), in seconds."""
-    if not pid:
-        return 0.0
+def _stat_cpu_seconds(path: str) -> float:
+    """utime + stime from a /proc stat file, in seconds (0 if the process or thread is gone)."""
     try:
-        with open(f"/proc/{pid}/stat") as fh:
+        with open(path) as fh:
             fields = fh.read().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """CPU seconds of a process (all its threads)."""
+    return _stat_cpu_seconds(f"/proc/{pid}/stat") if pid else 0.0
 
 
 def thread_cpu_seconds(pid: int | None, tid: int | None) -> float:
-    """utime + stime of one thread of a process."""
-    if not pid or not tid:
-        return 0.0
-    try:
-        with open(f"/proc/{pid}/task/{tid}/stat") as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    """CPU seconds of one thread of a process."""
+    return _stat_cpu_seconds(f"/proc/{pid}/task/{tid}/stat") if pid and tid else 0.0
 
 
 def machine_jiffies() -> tuple[int, int]:
