@@ -27,7 +27,7 @@ class ConfigError(Exception):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
 
 class GeneralConfig(Section):
@@ -93,6 +93,104 @@ class TtsConfig(Section):
     workers: int = 2
 
 
+class WebConfig(Section):
+    """The aiohttp app (self-service pages, links, delivery reports; later chat and the agent desktop)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    public_url: str = "http://127.0.0.1:8080"  # what links in SMS and email point at
+    secure_cookies: bool = False   # True behind HTTPS (the default dev server speaks plain HTTP on loopback)
+    dev_pages: bool = True         # /dev/outbox: the SMS and mail the dev sinks received
+    trusted_proxies: list[str] = []  # whose X-Forwarded-For is believed for per-client limits
+
+
+class LinksConfig(Section):
+    secret: str = ""               # HMAC key for signed links (generated into secrets.yaml)
+    ttl_days: int = Field(14, ge=1, le=365)
+
+
+class SmsLimits(Section):
+    """Against SMS pumping: counts per hour."""
+
+    per_number: int = 3
+    per_prefix: int = 20           # numbers sharing all but their last ``prefix_tail`` digits
+    prefix_tail: int = 3
+    per_country: int = 200
+    global_: int = Field(1000, alias="global")
+
+
+class KannelConfig(Section):
+    host: str = "127.0.0.1"
+    sendsms_port: int = 13013
+    username: str = "ivr-bridge"
+    password: str = ""             # generated into secrets.yaml
+    admin_port: int = 13000
+    smsc_port: int = 10000         # the fake SMSC's port (dev and tests)
+    instance: str = "dev"          # var/kannel/<instance>: rendered config, logs, the fake SMSC's output
+    timeout: float = 10.0
+
+
+class HttpSmsConfig(Section):
+    """A generic HTTP SMS provider: a URL and a body template; credentials from the environment."""
+
+    url: str = ""
+    method: str = "POST"
+    body: str = ""                 # jinja2 template over to, sender, text, id (JSON or form, see content_type)
+    content_type: str = "application/x-www-form-urlencoded"
+    headers: dict[str, str] = {}   # values may name environment variables as ${NAME}
+    success_status: list[int] = [200, 201, 202]
+    ref_pattern: str = ""          # regex with one group that finds the provider's message id in the answer
+    timeout: float = 10.0
+
+
+class SmsConfig(Section):
+    gateway: str = "kannel"        # kannel | http | none
+    sender: str = "IVRBridge"
+    countries: list[str] = ["CN", "US", "GB", "DE", "FR", "KR", "JP", "SG", "HK"]  # allowlist (ISO 3166)
+    limits: SmsLimits = Field(default_factory=SmsLimits)
+    kannel: KannelConfig = Field(default_factory=KannelConfig)
+    http: HttpSmsConfig = Field(default_factory=HttpSmsConfig)
+
+
+class EmailLimits(Section):
+    per_address: int = 5           # an hour
+    per_client: int = 10           # "email me this" requests per client address an hour
+    global_: int = Field(2000, alias="global")
+
+
+class EmailConfig(Section):
+    gateway: str = "smtp"          # smtp | none
+    host: str = "127.0.0.1"
+    port: int = 8025               # the dev mail sink (``ivr-bridge dev-mail``)
+    starttls: bool = False
+    tls: bool = False              # implicit TLS (port 465)
+    username: str = ""
+    password: str = ""             # from the environment / secrets.yaml
+    validate_certs: bool = True
+    from_addr: str = "help@example.com"
+    from_name: str = "Example Help"
+    connections: int = 4           # SMTP connections kept open
+    timeout: float = 30.0
+    dev_sink_dir: Path | None = None   # default: <var_dir>/dev-mail
+    limits: EmailLimits = Field(default_factory=EmailLimits)
+
+
+class OutboxConfig(Section):
+    enabled: bool = True           # run a dispatcher in ``ivr-bridge run``
+    concurrency: int = Field(32, ge=1, le=512)
+    batch: int = Field(200, ge=1, le=5000)
+    poll_interval: float = 0.5
+    max_attempts: int = Field(8, ge=1, le=100)
+    backoff_base: float = 2.0      # seconds, doubled per attempt, with jitter
+    backoff_max: float = 600.0
+    lease: float = 120.0           # a claimed follow-up whose dispatcher is gone is taken back after this
+    verify_timeout: float = 120.0  # how long a delivery report may take before an interrupted SMS is re-sent
+
+
+class ReportsConfig(Section):
+    deflection_window_hours: float = 72.0
+
+
 class Config(Section):
     general: GeneralConfig = Field(default_factory=GeneralConfig)
     database: DatabaseConfig = Field(default_factory=DatabaseConfig)
@@ -100,6 +198,12 @@ class Config(Section):
     asterisk: AsteriskConfig = Field(default_factory=AsteriskConfig)
     flows: FlowsConfig = Field(default_factory=FlowsConfig)
     tts: TtsConfig = Field(default_factory=TtsConfig)
+    web: WebConfig = Field(default_factory=WebConfig)
+    links: LinksConfig = Field(default_factory=LinksConfig)
+    sms: SmsConfig = Field(default_factory=SmsConfig)
+    email: EmailConfig = Field(default_factory=EmailConfig)
+    outbox: OutboxConfig = Field(default_factory=OutboxConfig)
+    reports: ReportsConfig = Field(default_factory=ReportsConfig)
 
     @property
     def database_url(self) -> str:
@@ -196,6 +300,12 @@ def _fill_secrets(config: Config) -> None:
         ast.ami_secret = str(stored.get("ami_secret", ""))
     if not ast.softphone_password:
         ast.softphone_password = str(stored.get("softphone_password", ""))
+    if not config.links.secret:
+        config.links.secret = str(stored.get("link_secret", ""))
+    if not config.sms.kannel.password:
+        config.sms.kannel.password = str(stored.get("kannel_password", ""))
+    if not config.email.password:
+        config.email.password = str(stored.get("smtp_password", ""))
 
 
 def ensure_secrets(config: Config) -> None:
@@ -203,7 +313,7 @@ def ensure_secrets(config: Config) -> None:
     path = secrets_path(config)
     stored = _read_yaml(path) if path.exists() else {}
     changed = False
-    for key in ("ami_secret", "softphone_password"):
+    for key in ("ami_secret", "softphone_password", "link_secret", "kannel_password"):
         if not stored.get(key):
             stored[key] = _secrets.token_urlsafe(24)
             changed = True

@@ -6,7 +6,7 @@ import datetime as dt
 import enum
 import uuid
 
-from sqlalchemy import DateTime, ForeignKey, Integer, String, Text
+from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -71,3 +71,78 @@ class Step(Base):
     at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     interaction: Mapped[Interaction] = relationship(back_populates="steps")
+
+
+class FollowUpState(enum.StrEnum):
+    """Where a follow-up (an SMS or an email in the outbox) stands. Ends: delivered, sent, failed, dead, blocked."""
+
+    PENDING = "pending"        # waiting for its attempt (``next_attempt_at``)
+    SENDING = "sending"        # claimed by a dispatcher, not handed to the gateway yet
+    HANDING = "handing"        # the gateway may have it (the point of no return is under way)
+    VERIFYING = "verifying"    # a dispatcher died while handing it: waiting for the gateway's report
+    SENT = "sent"              # the gateway took it (SMS: a delivery report may follow)
+    DELIVERED = "delivered"    # the gateway reported delivery
+    FAILED = "failed"          # the gateway refused it for good, or reported it undeliverable
+    DEAD = "dead"              # out of attempts (dead letter); ``ivr-bridge outbox retry`` sends it again
+    BLOCKED = "blocked"        # never sent: refused by a fraud limit or an unusable recipient (``reason``)
+    UNCERTAIN = "uncertain"    # the gateway cannot tell whether it took it; not re-sent without an operator
+
+
+class FollowUp(Base):
+    """One message to a customer, written in the transaction of the change that called for it (the outbox)."""
+
+    __tablename__ = "followups"
+    __table_args__ = (
+        UniqueConstraint("idempotency_key", name="uq_followups_idempotency_key"),
+        Index("ix_followups_due", "state", "next_attempt_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    idempotency_key: Mapped[str] = mapped_column(String(128))
+    interaction_id: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
+    channel: Mapped[str] = mapped_column(String(8))           # sms | email
+    recipient: Mapped[str] = mapped_column(String(254), index=True)   # E.164 or an email address
+    purpose: Mapped[str] = mapped_column(String(32))          # in_call, after_call, web, survey ...
+    template: Mapped[str] = mapped_column(String(64))
+    article_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    language: Mapped[str] = mapped_column(String(8))
+    payload: Mapped[dict] = mapped_column(JSON)               # what is sent: {text} or {subject, text, html}
+    state: Mapped[str] = mapped_column(String(12), default=FollowUpState.PENDING.value)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)      # why blocked / failed / last error
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    lease_until: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    gateway_ref: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    delivered_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class Link(Base):
+    """A signed link sent to a customer; opening it is recorded and tells the page where it came from."""
+
+    __tablename__ = "links"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    interaction_id: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
+    followup_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    kind: Mapped[str] = mapped_column(String(16))              # article | survey | help
+    target: Mapped[str] = mapped_column(String(64))             # article id, survey name
+    language: Mapped[str] = mapped_column(String(8))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    first_opened_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    opens: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class SurveyAnswer(Base):
+    """A one-question survey answer (1-5) given on the phone or on the web."""
+
+    __tablename__ = "survey_answers"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    interaction_id: Mapped[str] = mapped_column(String(32), index=True)
+    question: Mapped[str] = mapped_column(String(64))
+    score: Mapped[int] = mapped_column(Integer)
+    channel: Mapped[str] = mapped_column(String(8))
+    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -17,39 +17,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from ruamel.yaml import YAML
-from ruamel.yaml.comments import CommentedMap, CommentedSeq
-from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
+from bridge.yamldoc import DocumentError, Positions, Problem, Reporter, Severity, count_errors, parse_yaml, plain
 from ivr.safe import NAME_RE, NUMBER_RE, check_text
-
-Severity = Literal["error", "warning"]
 
 MAX_MENU_DEPTH = 3
 MAX_PROMPT_SECONDS = 15.0
 DIGITS = frozenset("0123456789*#")
 
 
-@dataclass(frozen=True, order=True)
-class Problem:
-    """One finding in a flow file, printed as ``file:line:column: severity: message``."""
-
-    file: str
-    line: int
-    column: int
-    severity: Severity
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.file}:{self.line}:{self.column}: {self.severity}: {self.message}"
-
-
-class FlowError(Exception):
+class FlowError(DocumentError):
     """A flow file that cannot be used; ``problems`` names every error with its position."""
-
-    def __init__(self, problems: list[Problem]) -> None:
-        self.problems = sorted(problems)
-        super().__init__("\n".join(str(p) for p in self.problems))
 
 
 class Strict(BaseModel):
@@ -150,46 +128,6 @@ class Flow:
     warnings: list[Problem] = field(default_factory=list)
 
 
-# --------------------------------------------------------------------------------------------------- positions
-class Positions:
-    """Maps a path of keys/indexes in the YAML document to its (line, column), both 1-based."""
-
-    def __init__(self, root: Any) -> None:
-        self.root = root
-
-    def of(self, path: Iterable[Any]) -> tuple[int, int]:
-        node = self.root
-        best = (1, 1)
-        if isinstance(node, CommentedMap | CommentedSeq) and node.lc.line is not None:
-            best = (node.lc.line + 1, node.lc.col + 1)  # the document's first key, after leading comments
-        for key in path:
-            if isinstance(node, CommentedMap) and key not in node:  # 1: {...} is "1" once loaded (see _plain)
-                key = next((k for k in node if str(k) == str(key)), key)
-            if isinstance(node, CommentedMap) and key in node:
-                line, col = node.lc.key(key)
-                best = (line + 1, col + 1)
-                node = node[key]
-            elif isinstance(node, CommentedSeq) and isinstance(key, int) and 0 <= key < len(node):
-                line, col = node.lc.item(key)
-                best = (line + 1, col + 1)
-                node = node[key]
-            else:
-                if isinstance(node, CommentedMap | CommentedSeq) and node.lc.line is not None:
-                    best = max(best, (node.lc.line + 1, node.lc.col + 1))
-                break
-        return best
-
-
-def _plain(value: Any) -> Any:
-    """CommentedMap/Seq -> dict/list with string keys for ints (menu digits may be written unquoted)."""
-    if isinstance(value, Mapping):
-        return {(str(k) if isinstance(k, int) and not isinstance(k, bool) else k): _plain(v)
-                for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value
-
-
 # --------------------------------------------------------------------------------------------------- loading
 def _dialled_number(number: str) -> str:
     if not NUMBER_RE.fullmatch(number):
@@ -225,69 +163,20 @@ class FlowHeader(Strict):
 
 
 
-class Loader:
+class Loader(Reporter):
     """Parses one flow document; collects every problem instead of stopping at the first."""
 
     def __init__(self, path: str, text: str) -> None:
-        self.path = path
+        super().__init__(path)
         self.text = text
-        self.problems: list[Problem] = []
-        self.positions = Positions(None)
 
     def positions_keys(self, path: Iterable[Any]) -> list[Any]:
-        """Keys of the mapping at ``path`` in the document (empty if it is not a mapping)."""
-        node = self.positions.root
-        for key in path:
-            try:
-                node = node[key]
-            except (KeyError, IndexError, TypeError):
-                return []
-        return list(node.keys()) if isinstance(node, Mapping) else []
-
-    def problem(self, where: Iterable[Any], message: str, severity: Severity = "error") -> None:
-        line, col = self.positions.of(where)
-        self.problem_at(line, col, message, severity)
-
-    def problem_at(self, line: int, column: int, message: str, severity: Severity = "error") -> None:
-        self.problems.append(Problem(self.path, line, column, severity, message))
-
-    def validation_errors(self, exc: ValidationError, prefix: tuple[Any, ...], what: str) -> None:
-        for err in exc.errors():
-            loc = tuple(err["loc"])
-            if loc and loc[-1] == "[key]":  # a bad mapping key (a menu digit): point at the key itself
-                loc = loc[:-1]
-            field_path = ".".join(str(p) for p in loc)
-            if err["type"] == "missing":
-                msg = f"{what}: missing field '{field_path}'"
-                where = prefix + loc[:-1]
-            elif err["type"] == "extra_forbidden":
-                msg = f"{what}: unknown field '{field_path}'"
-                where = prefix + loc
-            else:
-                reason = err["msg"].removeprefix("Value error, ")
-                msg = f"{what}: {field_path}: {reason}" if field_path else f"{what}: {reason}"
-                where = prefix + loc
-            self.problem(where, msg)
+        return self.positions.keys(path)
 
     def parse_yaml(self) -> Any:
-        yaml = YAML(typ="rt")
-        try:
-            return yaml.load(self.text)
-        except MarkedYAMLError as exc:
-            mark = exc.problem_mark or exc.context_mark
-            line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-            what = (exc.problem or str(exc)).strip()
-            start = exc.context_mark
-            if "duplicate key" in str(exc).lower() or type(exc).__name__ == "DuplicateKeyError":
-                what = f"duplicate key: {what.split(' with value ')[0]}"  # not a dump of both values
-            elif exc.context and start and mark and start.line != mark.line:  # e.g. where an unclosed [ opened
-                what = f"{what} ({exc.context.strip()} started at {start.line + 1}:{start.column + 1})"
-            self.problem_at(line, col, f"YAML: {what}")
-        except YAMLError as exc:
-            self.problem_at(1, 1, f"YAML: {exc}")
-        except (RecursionError, ValueError, TypeError, OverflowError) as exc:
-            self.problem_at(1, 1, f"YAML: cannot read the document ({type(exc).__name__}: {exc})")
-        return None
+        doc, problems = parse_yaml(self.path, self.text)
+        self.problems.extend(problems)
+        return doc
 
     def load(self) -> Flow | None:
         from ivr.nodes import parse_node  # node types register themselves there
@@ -299,7 +188,7 @@ class Loader:
         if not isinstance(doc, Mapping):
             self.problem((), "a flow file must be a mapping with 'flow', 'languages', 'entry' and 'nodes'")
             return None
-        raw = _plain(doc)
+        raw = plain(doc)
         try:
             header = FlowHeader.model_validate(raw)
         except ValidationError as exc:
@@ -549,10 +438,6 @@ def load_flows(paths: Iterable[Path]) -> tuple[dict[str, Flow], list[Problem]]:
         flows[flow.name] = flow
         owners.update(dict.fromkeys(flow.numbers, flow.name))
     return flows, sorted(problems)
-
-
-def count_errors(problems: Iterable[Problem]) -> int:
-    return sum(1 for p in problems if p.severity == "error")
 
 
 __all__ = ["Destination", "Flow", "FlowContext", "FlowError", "Hours", "Problem", "Prompt",
