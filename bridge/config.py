@@ -106,7 +106,7 @@ class WebConfig(Section):
 
 class LinksConfig(Section):
     secret: str = ""               # HMAC key for signed links (generated into secrets.yaml)
-    ttl_days: int = Field(14, ge=1, le=365)
+    ttl_days: int = Field(default=14, ge=1, le=365)
 
 
 class SmsLimits(Section):
@@ -116,7 +116,7 @@ class SmsLimits(Section):
     per_prefix: int = 20           # numbers sharing all but their last ``prefix_tail`` digits
     prefix_tail: int = 3
     per_country: int = 200
-    global_: int = Field(1000, alias="global")
+    global_: int = Field(default=1000, alias="global")
 
 
 class KannelConfig(Section):
@@ -155,7 +155,7 @@ class SmsConfig(Section):
 class EmailLimits(Section):
     per_address: int = 5           # an hour
     per_client: int = 10           # "email me this" requests per client address an hour
-    global_: int = Field(2000, alias="global")
+    global_: int = Field(default=2000, alias="global")
 
 
 class EmailConfig(Section):
@@ -177,10 +177,10 @@ class EmailConfig(Section):
 
 class OutboxConfig(Section):
     enabled: bool = True           # run a dispatcher in ``ivr-bridge run``
-    concurrency: int = Field(32, ge=1, le=512)
-    batch: int = Field(200, ge=1, le=5000)
+    concurrency: int = Field(default=32, ge=1, le=512)
+    batch: int = Field(default=200, ge=1, le=5000)
     poll_interval: float = 0.5
-    max_attempts: int = Field(8, ge=1, le=100)
+    max_attempts: int = Field(default=8, ge=1, le=100)
     backoff_base: float = 2.0      # seconds, doubled per attempt, with jitter
     backoff_max: float = 600.0
     lease: float = 120.0           # a claimed follow-up whose dispatcher is gone is taken back after this
