@@ -13,9 +13,24 @@ records whether a dispatcher that died mid-send may have handed the message over
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import random
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+from sqlalchemy import Table, func, select, update
+
+from bridge.models import FollowUp, FollowUpState, Interaction, Link, utcnow
+
+if TYPE_CHECKING:
+    from bridge.config import OutboxConfig
+    from bridge.events import EventBus
+    from bridge.followups import Prepared
+    from bridge.store import InteractionStore
 
 SendStatus = Literal["sent", "delivered", "retry", "failed", "unknown"]
 Interrupted = Literal["sent", "verify", "uncertain"]
@@ -92,3 +107,330 @@ class RecipientPolicy(Protocol):
         """Normalise ``recipient`` and count it against the limits; ``Admission.reason`` says why not.
         ``region`` (ISO 3166) reads national numbers."""
         ...
+
+
+# ------------------------------------------------------------------------------------------------ the outbox
+log = logging.getLogger(__name__)
+S = FollowUpState
+_F: Table = FollowUp.__table__  # type: ignore[assignment]
+_L: Table = Link.__table__  # type: ignore[assignment]
+MARK_WINDOW = 0.002  # marks of concurrent sends share one transaction
+
+
+class Outbox:
+    """Reads and changes follow-ups: enqueue from a web request, list, retry, delivery reports, link opens."""
+
+    def __init__(self, store: InteractionStore, bus: EventBus | None = None) -> None:
+        self.store = store
+        self.bus = bus
+
+    def _sessions(self) -> Any:
+        if self.store.sessions is None:
+            raise RuntimeError("the store is not started")
+        return self.store.sessions
+
+    async def enqueue(self, prepared: Sequence[Prepared]) -> None:
+        """Write follow-ups (and their links) in one transaction of their own."""
+        from bridge.store import insert_followups
+
+        async with self._sessions().begin() as session:
+            links = [p.link for p in prepared if p.link is not None]
+            await insert_followups(session, [p.followup for p in prepared])
+            if links:
+                await session.execute(_L.insert(), links)
+
+    async def list(self, state: str | None = None, limit: int = 50, channel: str | None = None,
+                   interaction_id: str | None = None) -> list[FollowUp]:
+        query = select(FollowUp).order_by(FollowUp.created_at.desc()).limit(limit)
+        if state:
+            query = query.where(FollowUp.state == state)
+        if channel:
+            query = query.where(FollowUp.channel == channel)
+        if interaction_id:
+            query = query.where(FollowUp.interaction_id == interaction_id)
+        async with self._sessions()() as session:
+            return list((await session.execute(query)).scalars())
+
+    async def get(self, followup_id: str) -> FollowUp | None:
+        async with self._sessions()() as session:
+            return await session.get(FollowUp, followup_id)
+
+    async def counts(self) -> dict[str, int]:
+        async with self._sessions()() as session:
+            rows = await session.execute(select(FollowUp.state, func.count()).group_by(FollowUp.state))
+            return {str(state): int(n) for state, n in rows.all()}
+
+    async def blocked_reasons(self, since: dt.datetime | None = None) -> dict[str, int]:
+        query = select(FollowUp.reason, func.count()).where(FollowUp.state == S.BLOCKED.value) \
+            .group_by(FollowUp.reason)
+        if since is not None:
+            query = query.where(FollowUp.created_at >= since)
+        async with self._sessions()() as session:
+            return {str(reason): int(n) for reason, n in (await session.execute(query)).all()}
+
+    async def retry(self, ids: Iterable[str]) -> int:
+        """Send dead, failed or uncertain follow-ups again (an operator's decision); returns how many."""
+        ids = list(ids)
+        async with self._sessions().begin() as session:
+            result = await session.execute(
+                update(_F).where(_F.c.id.in_(ids), _F.c.state.in_([S.DEAD.value, S.FAILED.value,
+                                                                   S.UNCERTAIN.value]))
+                .values(state=S.PENDING.value, next_attempt_at=utcnow(), lease_until=None))
+        return int(result.rowcount or 0)
+
+    async def delivery_report(self, followup_id: str, status: str, gateway_ref: str | None = None) -> bool:
+        """Apply a gateway's report (``accepted``, ``delivered``, ``failed``, ``buffered``); idempotent."""
+        now = utcnow()
+        changes: dict[str, tuple[list[str], dict[str, Any]]] = {
+            "accepted": ([S.SENDING, S.HANDING, S.VERIFYING], {"state": S.SENT.value, "sent_at": now}),
+            "buffered": ([S.SENDING, S.HANDING, S.VERIFYING], {"state": S.SENT.value, "sent_at": now}),
+            "delivered": ([S.SENDING, S.HANDING, S.VERIFYING, S.SENT, S.PENDING],
+                          {"state": S.DELIVERED.value, "delivered_at": now}),
+            "failed": ([S.SENDING, S.HANDING, S.VERIFYING, S.SENT], {"state": S.FAILED.value,
+                                                                     "reason": "gateway reported a failure"}),
+        }
+        if status not in changes:
+            raise ValueError(f"unknown delivery status {status!r}")
+        states, values = changes[status]
+        if gateway_ref:
+            values = {**values, "gateway_ref": gateway_ref[:128]}
+        async with self._sessions().begin() as session:
+            result = await session.execute(update(_F).where(_F.c.id == followup_id,
+                                                            _F.c.state.in_([str(s) for s in states]))
+                                           .values(lease_until=None, **values))
+        changed = bool(result.rowcount)
+        if changed and self.bus is not None:
+            self.bus.publish("followup", id=followup_id, state=values["state"])
+        return changed
+
+    async def open_link(self, link_id: str) -> tuple[Link, Interaction | None] | None:
+        """Record that a link was opened; returns it with the interaction it came from."""
+        now = utcnow()
+        async with self._sessions().begin() as session:
+            await session.execute(update(_L).where(_L.c.id == link_id)
+                                  .values(opens=_L.c.opens + 1,
+                                          first_opened_at=func.coalesce(_L.c.first_opened_at, now)))
+            link = await session.get(Link, link_id)
+            if link is None:
+                return None
+            interaction = await session.get(Interaction, link.interaction_id) if link.interaction_id else None
+        if self.bus is not None:
+            self.bus.publish("link-opened", link=link_id, interaction=link.interaction_id, target=link.target)
+        return link, interaction
+
+
+class Dispatcher:
+    """Sends due follow-ups through their channel's gateway: claim with a lease, send with bounded concurrency,
+    settle with retries and backoff; after a crash, leases expire and the rows are resolved (see module doc)."""
+
+    def __init__(self, store: InteractionStore, gateways: Iterable[Gateway], config: OutboxConfig,
+                 bus: EventBus | None = None) -> None:
+        self.store = store
+        self.gateways = {g.channel: g for g in gateways}
+        self.config = config
+        self.bus = bus
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._marks: list[tuple[str, list[str], dict[str, Any], asyncio.Future[bool]]] = []
+        self._mark_task: asyncio.Task[None] | None = None
+        self.sent = 0
+
+    async def start(self) -> None:
+        for gateway in self.gateways.values():
+            await gateway.start()
+        self._task = asyncio.create_task(self._run(), name="outbox-dispatcher")
+
+    async def aclose(self) -> None:
+        """Stop claiming, let sends in flight finish (bounded), then close the gateways."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._inflight:
+            _, pending = await asyncio.wait(self._inflight, timeout=10)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        if self._mark_task is not None:
+            with contextlib.suppress(Exception):
+                await self._mark_task
+        for gateway in self.gateways.values():
+            with contextlib.suppress(Exception):
+                await gateway.aclose()
+
+    def wake(self) -> None:
+        """New follow-ups were written: look now instead of at the next poll."""
+        self._wake.set()
+
+    def _sessions(self) -> Any:
+        if self.store.sessions is None:
+            raise RuntimeError("the store is not started")
+        return self.store.sessions
+
+    async def _run(self) -> None:
+        last_recover = 0.0
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                if loop.time() - last_recover >= min(5.0, self.config.poll_interval * 4):
+                    await self.recover()
+                    last_recover = loop.time()
+                room = self.config.concurrency * 2 - len(self._inflight)
+                claimed = await self._claim(min(room, self.config.batch)) if room > 0 else []
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("outbox: cannot read follow-ups; retrying")
+                claimed = []
+            for row in claimed:
+                task = asyncio.create_task(self._send(row), name=f"followup-{row['id'][:8]}")
+                self._inflight.add(task)
+                task.add_done_callback(self._inflight.discard)
+            if claimed and len(claimed) >= min(room, self.config.batch):
+                await asyncio.sleep(0)  # more may be due: claim again once sends have started
+                if len(self._inflight) >= self.config.concurrency * 2:
+                    await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
+                continue
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.config.poll_interval)
+
+    async def _claim(self, limit: int) -> list[dict[str, Any]]:
+        if limit <= 0 or not self.gateways:
+            return []
+        now = utcnow()
+        due = (select(_F.c.id).where(_F.c.state == S.PENDING.value, _F.c.next_attempt_at <= now,
+                                     _F.c.channel.in_(list(self.gateways)))
+               .order_by(_F.c.next_attempt_at).limit(limit))
+        if self.store.url.startswith("postgresql"):
+            due = due.with_for_update(skip_locked=True)  # another dispatcher's claim is not waited for
+        statement = (update(_F).where(_F.c.id.in_(due.scalar_subquery()), _F.c.state == S.PENDING.value)
+                     .values(state=S.SENDING.value, attempts=_F.c.attempts + 1,
+                             lease_until=now + dt.timedelta(seconds=self.config.lease))
+                     .returning(_F.c.id, _F.c.idempotency_key, _F.c.channel, _F.c.recipient, _F.c.language,
+                                _F.c.payload, _F.c.attempts))
+        async with self._sessions().begin() as session:
+            rows = (await session.execute(statement)).mappings().all()
+        return [dict(r) for r in rows]
+
+    async def recover(self) -> None:
+        """Take back what dispatchers that died left behind (leases expired), as the module doc says."""
+        now = utcnow()
+        async with self._sessions().begin() as session:
+            await session.execute(update(_F).where(_F.c.state == S.SENDING.value, _F.c.lease_until < now)
+                                  .values(state=S.PENDING.value, next_attempt_at=now, lease_until=None))
+            for channel, gateway in self.gateways.items():
+                expired = (_F.c.state == S.HANDING.value, _F.c.lease_until < now, _F.c.channel == channel)
+                if gateway.interrupted == "sent":
+                    values: dict[str, Any] = {"state": S.SENT.value, "sent_at": now,
+                                              "reason": "dispatcher stopped right after handing it over"}
+                elif gateway.interrupted == "verify":
+                    values = {"state": S.VERIFYING.value,
+                              "next_attempt_at": now + dt.timedelta(seconds=self.config.verify_timeout)}
+                else:
+                    values = {"state": S.UNCERTAIN.value,
+                              "reason": "dispatcher stopped while handing it over; the gateway cannot tell"}
+                result = await session.execute(update(_F).where(*expired).values(lease_until=None, **values))
+                if result.rowcount:
+                    log.warning("outbox: %d %s follow-up(s) interrupted while being handed over -> %s",
+                                result.rowcount, channel, values["state"])
+            # no delivery report within verify_timeout: the gateway never took it, send again
+            await session.execute(update(_F).where(_F.c.state == S.VERIFYING.value, _F.c.next_attempt_at <= now)
+                                  .values(state=S.PENDING.value, next_attempt_at=now))
+
+    async def _send(self, row: dict[str, Any]) -> None:
+        gateway = self.gateways[row["channel"]]
+        message = Outgoing(row["id"], row["idempotency_key"], row["channel"], row["recipient"], row["language"],
+                           row["payload"])
+        handed = False
+
+        async def handing() -> None:
+            nonlocal handed
+            if handed:
+                return
+            if not await self._mark(row["id"], [S.SENDING], {"state": S.HANDING.value}):
+                raise RuntimeError("follow-up is no longer ours (lease lost)")
+            handed = True
+
+        try:
+            result = await gateway.send(message, handing)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a gateway bug must not lose the row: settle it like the gateway failed
+            log.exception("outbox: %s gateway raised for %s", row["channel"], row["id"])
+            result = SendResult("unknown" if handed else "retry", error=f"{type(exc).__name__}: {exc}")
+        await self._settle(row, result, handed)
+
+    def _backoff(self, attempts: int) -> float:
+        delay = min(self.config.backoff_max, self.config.backoff_base * 2 ** max(0, attempts - 1))
+        return delay * random.uniform(0.8, 1.2)
+
+    async def _settle(self, row: dict[str, Any], result: SendResult, handed: bool) -> None:
+        now = utcnow()
+        mine = [S.SENDING, S.HANDING]
+        status = result.status
+        if status == "unknown" and not handed:
+            status = "retry"  # it never left
+        if status in ("sent", "delivered"):
+            values: dict[str, Any] = {"state": S.SENT.value if status == "sent" else S.DELIVERED.value,
+                                      "sent_at": now, "gateway_ref": (result.gateway_ref or "")[:128] or None,
+                                      "reason": None}
+            if status == "delivered":
+                values["delivered_at"] = now
+            self.sent += 1
+        elif status == "failed":
+            values = {"state": S.FAILED.value, "reason": result.error or "refused by the gateway"}
+        elif status == "retry":
+            if row["attempts"] >= self.config.max_attempts:
+                values = {"state": S.DEAD.value, "reason": f"gave up after {row['attempts']} attempts: "
+                                                           f"{result.error or 'gateway unavailable'}"}
+            else:
+                delay = result.retry_after if result.retry_after is not None else self._backoff(row["attempts"])
+                values = {"state": S.PENDING.value, "reason": result.error,
+                          "next_attempt_at": now + dt.timedelta(seconds=delay)}
+        else:  # unknown after handing over
+            interrupted = self.gateways[row["channel"]].interrupted
+            if interrupted == "verify":
+                values = {"state": S.VERIFYING.value, "reason": result.error,
+                          "next_attempt_at": now + dt.timedelta(seconds=self.config.verify_timeout)}
+            elif interrupted == "sent":
+                values = {"state": S.SENT.value, "sent_at": now, "reason": f"unconfirmed: {result.error}"}
+            else:
+                values = {"state": S.UNCERTAIN.value, "reason": result.error}
+        values["lease_until"] = None
+        changed = await self._mark(row["id"], mine, values)
+        if changed and self.bus is not None:
+            self.bus.publish("followup", id=row["id"], channel=row["channel"], state=values["state"])
+        if values["state"] in (S.DEAD.value, S.FAILED.value, S.UNCERTAIN.value):
+            log.warning("follow-up %s by %s: %s (%s)", row["id"][:8], row["channel"], values["state"],
+                        values.get("reason"))
+
+    async def _mark(self, followup_id: str, states: list[FollowUpState], values: dict[str, Any]) -> bool:
+        """Change a row if it is still in one of ``states``; group-committed with other sends' marks."""
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._marks.append((followup_id, [s.value for s in states], values, future))
+        if self._mark_task is None or self._mark_task.done():
+            self._mark_task = asyncio.create_task(self._write_marks(), name="outbox-marks")
+        return await asyncio.shield(future)
+
+    async def _write_marks(self) -> None:
+        while self._marks:
+            await asyncio.sleep(MARK_WINDOW)
+            batch, self._marks = self._marks, []
+            try:
+                async with self._sessions().begin() as session:
+                    results = []
+                    for followup_id, states, values, _ in batch:
+                        result = await session.execute(update(_F).where(_F.c.id == followup_id,
+                                                                        _F.c.state.in_(states)).values(values))
+                        results.append(bool(result.rowcount))
+            except Exception as exc:
+                for *_, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (*_, future), ok in zip(batch, results, strict=True):
+                if not future.done():
+                    future.set_result(ok)

@@ -10,16 +10,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import Table, event, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import selectinload
 
-from bridge.models import Interaction, Outcome, Step, new_id, utcnow
+from bridge.models import FollowUp, Interaction, Link, Outcome, Step, SurveyAnswer, new_id, utcnow
 
 # Queued writes wait this long for others to share their transaction. Nothing in a call waits for them (only the
 # end of a call, after the hang-up); a crash loses at most this much of the calls' paths.
 GROUP_WINDOW = 0.05
 _INTERACTIONS: Table = Interaction.__table__  # type: ignore[assignment]
 _STEPS: Table = Step.__table__  # type: ignore[assignment]
+_FOLLOWUPS: Table = FollowUp.__table__  # type: ignore[assignment]
+_TABLES: dict[str, Table] = {"interactions": _INTERACTIONS, "steps": _STEPS, "followups": _FOLLOWUPS,
+                             "links": Link.__table__, "survey_answers": SurveyAnswer.__table__}  # type: ignore[dict-item]
 
 
 @dataclass(frozen=True)
@@ -148,12 +152,18 @@ class InteractionStore:
             if not isinstance(exc, Exception):
                 raise
 
+    def queue_bundle(self, bundle: Bundle) -> asyncio.Future[None]:
+        """Queue rows of several tables (and an interaction update) that must commit together: a follow-up
+        with its link and the call step that asked for it. Follow-ups whose idempotency key exists are skipped."""
+        return self._submit("bundle", [dict(bundle)])
+
     async def finish(self, interaction_id: str, outcome: Outcome, node: str | None,
-                     destination: str | None = None, **fields: object) -> None:
-        """Store the outcome (through the write-behind queue, after the call's queued writes); waits for it."""
+                     destination: str | None = None, extra: Bundle | None = None, **fields: object) -> None:
+        """Store the outcome (through the write-behind queue, after the call's queued writes); waits for it.
+        ``extra`` rows (the after-call follow-ups) commit in the same transaction."""
         values = {"outcome": outcome.value, "outcome_node": node, "destination": destination,
                   "ended_at": utcnow(), "state": "ended", **fields}
-        await self._submit("update", [{"_id": interaction_id, **values}])
+        await self._submit("bundle", [{**(extra or {}), "update": {"_id": interaction_id, **values}}])
 
     async def get(self, interaction_id: str) -> Interaction | None:
         async with self._maker()() as session:
@@ -175,7 +185,8 @@ class InteractionStore:
             return list(result.scalars())
 
 
-_Op = tuple[str, list[dict[str, object]], asyncio.Future[None]]   # (table or "update", rows, done)
+_Op = tuple[str, list[dict[str, object]], asyncio.Future[None]]   # (table or "bundle", rows, done)
+Bundle = dict[str, object]   # table name -> list of rows; "update" -> interaction values with "_id"
 
 
 async def _apply(session: AsyncSession, ops: list[_Op]) -> None:
@@ -183,10 +194,9 @@ async def _apply(session: AsyncSession, ops: list[_Op]) -> None:
     i = 0
     while i < len(ops):
         kind, rows, _ = ops[i]
-        if kind == "update":
-            for row in rows:
-                values = {k: v for k, v in row.items() if k != "_id"}
-                await session.execute(update(_INTERACTIONS).where(_INTERACTIONS.c.id == row["_id"]).values(values))
+        if kind == "bundle":
+            for bundle in rows:
+                await _apply_bundle(session, bundle)
             i += 1
             continue
         keys = rows[0].keys()
@@ -197,7 +207,28 @@ async def _apply(session: AsyncSession, ops: list[_Op]) -> None:
         if not run:  # rows of one operation with different columns
             run = rows
             i += 1
-        await session.execute(insert(_INTERACTIONS if kind == "interactions" else _STEPS), run)
+        await session.execute(insert(_TABLES[kind]), run)
+
+
+async def _apply_bundle(session: AsyncSession, bundle: Bundle) -> None:
+    for name, rows in bundle.items():
+        if name == "update" or not isinstance(rows, list) or not rows:
+            continue
+        if name == "followups":
+            await insert_followups(session, rows)
+        else:
+            await session.execute(insert(_TABLES[name]), rows)
+    change = bundle.get("update")
+    if isinstance(change, dict):
+        values = {k: v for k, v in change.items() if k != "_id"}
+        await session.execute(update(_INTERACTIONS).where(_INTERACTIONS.c.id == change["_id"]).values(values))
+
+
+async def insert_followups(session: AsyncSession, rows: list[dict[str, object]]) -> None:
+    """Insert follow-ups; one whose idempotency key is already stored is skipped (it was accepted before)."""
+    dialect = session.get_bind().dialect.name
+    make = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    await session.execute(make(_FOLLOWUPS).on_conflict_do_nothing(index_elements=["idempotency_key"]), rows)
 
 
 def _step_rows(interaction_id: str, first_seq: int, steps: Sequence[StepRecord]) -> list[dict[str, object]]:

@@ -22,9 +22,9 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 # ---------------------------------------------------------------- apt packages
-APT_PKGS=(debootstrap redis-server espeak-ng libespeak-ng1 sox sip-tester ca-certificates)
+APT_PKGS=(debootstrap redis-server espeak-ng libespeak-ng1 sox sip-tester ca-certificates kannel kannel-extras)
 if [ "$MODE" = test ]; then
-  APT_PKGS+=(postgresql)
+  APT_PKGS+=(postgresql chromium)
 fi
 missing=()
 for pkg in "${APT_PKGS[@]}"; do
