@@ -128,6 +128,10 @@ class KannelConfig(Section):
     smsc_port: int = 10000         # the fake SMSC's port (dev and tests)
     instance: str = "dev"          # var/kannel/<instance>: rendered config, logs, the fake SMSC's output
     timeout: float = 10.0
+    smsbox_port: int = 13001       # bearerbox's port for smsbox (local instances)
+    max_messages: int = Field(default=6, ge=1, le=20)   # SMS parts one text may take (UCS-2: 67 characters each)
+    dlr_retries: int = Field(default=30, ge=0)          # smsbox retries a delivery report our web app did not take
+    dlr_retry_delay: int = Field(default=10, ge=1)      # seconds between those retries
 
 
 class HttpSmsConfig(Section):
@@ -170,6 +174,7 @@ class EmailConfig(Section):
     from_addr: str = "help@example.com"
     from_name: str = "Example Help"
     connections: int = 4           # SMTP connections kept open
+    helo_name: str = ""            # the name given in EHLO; empty: this host's FQDN
     timeout: float = 30.0
     dev_sink_dir: Path | None = None   # default: <var_dir>/dev-mail
     limits: EmailLimits = Field(default_factory=EmailLimits)

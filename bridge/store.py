@@ -96,7 +96,7 @@ class InteractionStore:
         if not steps:
             return
         async with self._maker().begin() as session:
-            await session.execute(insert(_STEPS), _step_rows(interaction_id, first_seq, steps))
+            await session.execute(insert(_STEPS), step_rows(interaction_id, first_seq, steps))
 
     # ---- write-behind: what calls write while they run (the interaction, a step row per node, the outcome) goes
     # through one ordered queue. A writer task takes everything queued and commits it in one transaction (group
@@ -110,7 +110,7 @@ class InteractionStore:
 
     def queue_steps(self, interaction_id: str, first_seq: int, steps: Sequence[StepRecord]) -> asyncio.Future[None]:
         """Queue steps (after what this call queued before); the future completes when they are committed."""
-        return self._submit("steps", _step_rows(interaction_id, first_seq, steps))
+        return self._submit("steps", step_rows(interaction_id, first_seq, steps))
 
     def _submit(self, kind: str, rows: list[dict[str, object]]) -> asyncio.Future[None]:
         loop = asyncio.get_running_loop()
@@ -231,7 +231,7 @@ async def insert_followups(session: AsyncSession, rows: list[dict[str, object]])
     await session.execute(make(_FOLLOWUPS).on_conflict_do_nothing(index_elements=["idempotency_key"]), rows)
 
 
-def _step_rows(interaction_id: str, first_seq: int, steps: Sequence[StepRecord]) -> list[dict[str, object]]:
+def step_rows(interaction_id: str, first_seq: int, steps: Sequence[StepRecord]) -> list[dict[str, object]]:
     return [{"interaction_id": interaction_id, "seq": first_seq + i, "node": s.node, "event": s.event,
              "value": s.value, "at": s.at or utcnow()} for i, s in enumerate(steps)]
 

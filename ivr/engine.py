@@ -12,20 +12,23 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import phonenumbers
 from panoramisk.message import Message
 
+from bridge.catalogue import Catalogue
 from bridge.config import Config
 from bridge.events import EventBus
+from bridge.followups import FollowUpService, Prepared
 from bridge.models import Outcome
-from bridge.store import InteractionStore, StepRecord
+from bridge.store import InteractionStore, StepRecord, step_rows
 from ivr import safe
 from ivr.agi import AgiChannel, AgiCommandError, CallHangup, LinkLost, parse_env
 from ivr.ami import AmiClient, AmiError
-from ivr.flow import Flow, Problem, load_flows
+from ivr.flow import Flow, FlowSet, Problem, load_flow_set
 from ivr.prompts import PromptLibrary, flow_texts
 
 log = logging.getLogger(__name__)
@@ -49,21 +52,23 @@ class FlowRegistry:
         self.default_flow = default_flow
         self.prompts = prompts
         self.flows: dict[str, Flow] = {}
+        self.catalogue: Catalogue | None = None
         self.by_number: dict[str, Flow] = {}
         self._mtimes: dict[Path, float] = {}
         self._task: asyncio.Task[None] | None = None
 
     def load(self) -> list[Problem]:
         """Load all flows (at start-up). Returns every problem; on errors nothing changes."""
-        flows, problems = load_flows(self.paths)
-        if not self._errors(flows, problems):
-            self._install(flows)
-        return problems
+        found = load_flow_set(self.paths)
+        if not self._errors(found.flows, found.problems):
+            self._install(found)
+        return found.problems
 
     async def reload(self) -> bool:
         """Reload from disk; prompts of the new version are rendered before it goes live."""
-        flows, problems = await asyncio.to_thread(load_flows, self.paths)
-        errors = self._errors(flows, problems)
+        found = await asyncio.to_thread(load_flow_set, self.paths)
+        flows = found.flows
+        errors = self._errors(flows, found.problems)
         if errors:
             self._mtimes = self._scan()  # do not retry the same broken files every interval
             for problem in errors:
@@ -72,7 +77,7 @@ class FlowRegistry:
         if self.prompts is not None:
             for language, text in set(flow_texts(flows.values())):
                 await self.prompts.ensure(text, language)
-        self._install(flows)
+        self._install(found)
         log.info("flows reloaded: %s", ", ".join(sorted(flows)))
         return True
 
@@ -83,9 +88,10 @@ class FlowRegistry:
                                   f"default flow '{self.default_flow}' was not found"))
         return errors
 
-    def _install(self, flows: dict[str, Flow]) -> None:
-        self.flows = flows
-        self.by_number = {number: flow for flow in flows.values() for number in flow.numbers}
+    def _install(self, found: FlowSet) -> None:
+        self.flows = found.flows
+        self.catalogue = found.catalogue
+        self.by_number = {number: flow for flow in found.flows.values() for number in flow.numbers}
         self._mtimes = self._scan()
 
     def _scan(self) -> dict[Path, float]:
@@ -130,6 +136,36 @@ class CallContext:
     @property
     def caller_country(self) -> str | None:
         return self.session.caller_country
+
+    @property
+    def catalogue(self) -> Catalogue | None:
+        return self.session.engine.flows.catalogue
+
+    async def send_followup(self, channel: str, recipient: str, message: str, article: str | None,
+                            purpose: str) -> Prepared | None:
+        """Prepare a follow-up and commit it with the call's steps so far; None when follow-ups are off."""
+        s = self.session
+        followups = s.engine.followups
+        if followups is None or not s.call_id:
+            return None
+        prepared = await followups.prepare(
+            channel=channel, recipient=recipient, message=message, language=self.language, purpose=purpose,
+            key=followup_key(s.call_id, message, article), interaction_id=s.call_id, article_id=article,
+            region=s.engine.config.flows.default_region)
+        await s.commit_with_steps({"followups": [prepared.followup],
+                                   "links": [prepared.link] if prepared.link else []})
+        if prepared.accepted:
+            s.engine.followups_written()
+        s.engine.bus.publish("followup", call_id=s.call_id, id=prepared.id, channel=channel,
+                             state=prepared.followup["state"], reason=prepared.reason)
+        return prepared
+
+    async def save_survey(self, question: str, score: int) -> None:
+        s = self.session
+        if s.call_id:
+            await s.commit_with_steps({"survey_answers": [{"interaction_id": s.call_id, "question": question,
+                                                           "score": score, "channel": "voice",
+                                                           "at": dt.datetime.now(dt.UTC)}]})
 
     def now(self) -> dt.datetime:
         return dt.datetime.now(dt.UTC)
@@ -220,6 +256,14 @@ class CallSession:
             if pending:
                 await self.engine.store.queue_steps(self.call_id, self._saved, pending)
                 self._saved += len(pending)
+
+    async def commit_with_steps(self, rows: dict[str, object]) -> None:
+        """Commit ``rows`` together with the steps not saved yet (one transaction); waits for it."""
+        async with self._flush_lock:
+            pending = self.steps[self._saved:]
+            bundle = {**rows, "steps": step_rows(self.call_id, self._saved, pending)}
+            self._saved += len(pending)
+            await self.engine.store.queue_bundle(bundle)
 
     def _flush_soon(self) -> None:
         """Queue the steps so far for the store's group commit: the next prompt does not wait for SQL."""
@@ -351,8 +395,45 @@ class CallSession:
 
     async def _finish(self, ctx: CallContext, outcome: Outcome) -> None:
         await self._flush()
+        followups = await self._after_call(ctx, outcome)
         await self.engine.store.finish(self.call_id, outcome, self.current, ctx.destination,
+                                       extra={"followups": [p.followup for p in followups],
+                                              "links": [p.link for p in followups if p.link]},
                                        language=ctx.language, intent=self.intent)
+        if any(p.accepted for p in followups):
+            self.engine.followups_written()
+
+    async def _after_call(self, ctx: CallContext, outcome: Outcome) -> list[Prepared]:
+        """The flow's after-call rules that match this call, prepared (a broken rule costs only itself)."""
+        service = self.engine.followups
+        catalogue = ctx.catalogue
+        out: list[Prepared] = []
+        if service is None or catalogue is None:
+            return out
+        for rule in ctx.flow.after_call:
+            if not rule.when.matches(outcome.value, self.intent):
+                continue
+            article = rule.article
+            if rule.from_intent:
+                found = catalogue.article_for_intent(self.intent)
+                if found is None:
+                    continue
+                article = found.id
+            try:
+                out.append(await service.prepare(
+                    channel=rule.channel, recipient=self.caller, message=rule.message, language=ctx.language,
+                    purpose="after_call", key=followup_key(self.call_id, rule.message, article),
+                    interaction_id=self.call_id, article_id=article,
+                    link_to="survey" if rule.message == "survey" else "help",
+                    region=self.engine.config.flows.default_region))
+            except Exception:
+                self.log.exception("after-call follow-up %s failed", rule.message)
+        return out
+
+
+def followup_key(call_id: str, message: str, article: str | None) -> str:
+    """One message about one article per call, whether sent in the call or after it."""
+    return f"{call_id}:{message}:{article or '-'}"
 
 
 def _country(number: str, default_region: str) -> str | None:
@@ -370,8 +451,11 @@ class IvrEngine:
     """Starts a CallSession for every channel entering AsyncAGI and routes AMI events to it."""
 
     def __init__(self, config: Config, ami: AmiClient, flows: FlowRegistry, store: InteractionStore,
-                 prompts: PromptLibrary, bus: EventBus) -> None:
+                 prompts: PromptLibrary, bus: EventBus, followups: FollowUpService | None = None,
+                 on_followups: Callable[[], None] | None = None) -> None:
         self.config = config
+        self.followups = followups
+        self._on_followups = on_followups
         self.ami = ami
         self.flows = flows
         self.store = store
@@ -379,6 +463,10 @@ class IvrEngine:
         self.bus = bus
         self.sessions: dict[str, CallSession] = {}
         self._background: set[asyncio.Task[Any]] = set()
+
+    def followups_written(self) -> None:
+        if self._on_followups is not None:
+            self._on_followups()
 
     async def start(self) -> None:
         self.ami.add_event_listener(self._on_event)

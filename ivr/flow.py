@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from bridge.catalogue import Catalogue, load_catalogue
 from bridge.yamldoc import DocumentError, Positions, Problem, Reporter, Severity, count_errors, parse_yaml, plain
 from ivr.safe import NAME_RE, NUMBER_RE, check_text
 
@@ -112,6 +113,37 @@ class Destination(Strict):
         return value
 
 
+class AfterCallWhen(Strict):
+    """Which ended calls a rule applies to; an unset test matches every call."""
+
+    outcome: list[Literal["completed", "transferred", "abandoned", "failed"]] | None = None
+    intent: list[str] | None = None
+    has_intent: bool | None = None
+
+    def matches(self, outcome: str, intent: str | None) -> bool:
+        if self.outcome is not None and outcome not in self.outcome:
+            return False
+        if self.intent is not None and intent not in self.intent:
+            return False
+        return self.has_intent is None or self.has_intent == bool(intent)
+
+
+class AfterCallRule(Strict):
+    """A follow-up sent when a call ends: a message (about an article, the call's intent's article, or none)."""
+
+    when: AfterCallWhen = AfterCallWhen()
+    channel: Literal["sms", "email"] = "sms"
+    message: str
+    article: str | None = None
+    from_intent: bool = False
+
+    @model_validator(mode="after")
+    def _what(self) -> AfterCallRule:
+        if self.article is not None and self.from_intent:
+            raise ValueError("give 'article' or 'from_intent', not both")
+        return self
+
+
 @dataclass
 class Flow:
     """A validated flow; immutable once loaded so running calls keep the version they started with."""
@@ -125,6 +157,7 @@ class Flow:
     destinations: dict[str, Destination]
     hours: dict[str, Hours]
     nodes: dict[str, Any]  # node id -> ivr.nodes.Node
+    after_call: list[AfterCallRule] = field(default_factory=list)
     warnings: list[Problem] = field(default_factory=list)
 
 
@@ -144,6 +177,7 @@ class FlowHeader(Strict):
     numbers: dict[Annotated[str, AfterValidator(_dialled_number)], str] = {}  # per key: errors point at it
     destinations: dict[str, Destination] = {}
     hours: dict[str, Hours] = {}
+    after_call: list[AfterCallRule] = []
     nodes: dict[str, Any] = Field(min_length=1)
 
     @field_validator("flow", "entry")
@@ -166,9 +200,10 @@ class FlowHeader(Strict):
 class Loader(Reporter):
     """Parses one flow document; collects every problem instead of stopping at the first."""
 
-    def __init__(self, path: str, text: str) -> None:
+    def __init__(self, path: str, text: str, catalogue: Catalogue | None = None) -> None:
         super().__init__(path)
         self.text = text
+        self.catalogue = catalogue
 
     def positions_keys(self, path: Iterable[Any]) -> list[Any]:
         return self.positions.keys(path)
@@ -200,6 +235,7 @@ class Loader(Reporter):
         for number, lang in header.numbers.items():
             if lang not in header.languages:
                 self.problem(("numbers", number), f"number {number} speaks {lang!r}, which is not in languages")
+        self.check_after_call(header)
         ctx = FlowContext(self, header)
         nodes: dict[str, Any] = {}
         for node_id, body in header.nodes.items():
@@ -211,12 +247,31 @@ class Loader(Reporter):
                 nodes[node_id] = node
         flow = Flow(name=header.flow, path=self.path, languages=header.languages,
                     default_language=default_language, entry=header.entry, numbers=header.numbers,
-                    destinations=header.destinations, hours=header.hours, nodes=nodes)
+                    destinations=header.destinations, hours=header.hours, nodes=nodes,
+                    after_call=header.after_call)
         self.check_graph(flow, set(header.nodes))
         if any(p.severity == "error" for p in self.problems):
             return None
         flow.warnings = [p for p in self.problems if p.severity == "warning"]
         return flow
+
+    def check_after_call(self, header: FlowHeader) -> None:
+        for i, rule in enumerate(header.after_call):
+            where = ("after_call", i)
+            if self.catalogue is None:
+                self.problem(where, "after_call needs the FAQ catalogue (flows/faq.yaml), which is missing or has "
+                                    "errors")
+                return
+            message = self.catalogue.messages.get(rule.message)
+            if message is None:
+                self.problem((*where, "message"), f"after_call: message '{rule.message}' is not in the catalogue")
+            elif rule.channel not in message.channels:
+                self.problem((*where, "channel"), f"after_call: message '{rule.message}' has no {rule.channel} text")
+            elif rule.article is not None and rule.article not in self.catalogue.articles:
+                self.problem((*where, "article"), f"after_call: article '{rule.article}' is not in the catalogue")
+            elif message.needs_article and rule.article is None and not rule.from_intent:
+                self.problem(where, f"after_call: message '{rule.message}' is about an article: give 'article' or "
+                                    "'from_intent: true'")
 
     # ---------------------------------------------------------------------------------------------- graph
     def check_graph(self, flow: Flow, all_ids: set[str]) -> None:
@@ -286,6 +341,7 @@ class FlowContext:
     def __init__(self, loader: Loader, header: FlowHeader) -> None:
         self.loader = loader
         self.header = header
+        self.catalogue = loader.catalogue
 
     def problem(self, path: Iterable[Any], message: str, severity: Severity = "error") -> None:
         self.loader.problem(path, message, severity)
@@ -375,9 +431,9 @@ def _strongly_connected(edges: Mapping[str, list[tuple[str, Any]]]) -> Iterator[
 
 
 # --------------------------------------------------------------------------------------------------- API
-def load_flow_text(text: str, path: str = "<flow>") -> Flow:
+def load_flow_text(text: str, path: str = "<flow>", catalogue: Catalogue | None = None) -> Flow:
     """Load one flow from text; raises FlowError naming every problem with file:line:column."""
-    loader = Loader(path, text)
+    loader = Loader(path, text, catalogue)
     flow = loader.load()
     if flow is None:
         raise FlowError([p for p in loader.problems if p.severity == "error"] or
@@ -385,12 +441,12 @@ def load_flow_text(text: str, path: str = "<flow>") -> Flow:
     return flow
 
 
-def load_flow(path: Path) -> Flow:
+def load_flow(path: Path, catalogue: Catalogue | None = None) -> Flow:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise FlowError([Problem(str(path), 1, 1, "error", f"cannot read file: {exc}")]) from exc
-    return load_flow_text(text, str(path))
+    return load_flow_text(text, str(path), catalogue)
 
 
 def flow_files(paths: Iterable[Path]) -> list[Path]:
@@ -414,14 +470,30 @@ def _looks_like_flow(path: Path) -> bool:
     return re.search(r"(?m)^flow\s*:", head) is not None
 
 
+@dataclass
+class FlowSet:
+    """The flows and the FAQ catalogue found in the flow paths, and every problem across them."""
+
+    flows: dict[str, Flow]
+    catalogue: Catalogue | None
+    problems: list[Problem]
+
+
 def load_flows(paths: Iterable[Path]) -> tuple[dict[str, Flow], list[Problem]]:
     """Load many flow files; returns the good flows and every problem (errors and warnings) across them."""
+    found = load_flow_set(paths)
+    return found.flows, found.problems
+
+
+def load_flow_set(paths: Iterable[Path]) -> FlowSet:
+    """Load the catalogue, then the flows (checked against it)."""
+    paths = list(paths)
+    catalogue, problems = load_catalogue(paths)
     flows: dict[str, Flow] = {}
-    problems: list[Problem] = []
     owners: dict[str, str] = {}
     for path in flow_files(paths):
         try:
-            flow = load_flow(path)
+            flow = load_flow(path, catalogue)
         except FlowError as exc:
             problems.extend(exc.problems)
             continue
@@ -437,8 +509,24 @@ def load_flows(paths: Iterable[Path]) -> tuple[dict[str, Flow], list[Problem]]:
             continue
         flows[flow.name] = flow
         owners.update(dict.fromkeys(flow.numbers, flow.name))
-    return flows, sorted(problems)
+    return FlowSet(flows, catalogue, sorted(problems))
 
 
-__all__ = ["Destination", "Flow", "FlowContext", "FlowError", "Hours", "Problem", "Prompt",
-           "count_errors", "estimate_speech_seconds", "flow_files", "load_flow", "load_flow_text", "load_flows"]
+__all__ = [
+    "AfterCallRule",
+    "Destination",
+    "Flow",
+    "FlowContext",
+    "FlowError",
+    "FlowSet",
+    "Hours",
+    "Problem",
+    "Prompt",
+    "count_errors",
+    "estimate_speech_seconds",
+    "flow_files",
+    "load_flow",
+    "load_flow_set",
+    "load_flow_text",
+    "load_flows",
+]

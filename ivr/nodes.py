@@ -328,6 +328,100 @@ class TransferNode(Node):
         return None
 
 
+@register("send_link")
+class SendLinkNode(Node):
+    """Text (or mail) the caller a signed link: an article, the article for the call's intent, or the help centre.
+
+    The recipient is the caller's number (normalised to E.164, mobile only, allowed countries, fraud limits);
+    ``to_var`` names a variable holding it instead. When it cannot be used the caller hears ``unavailable``
+    and the flow goes to ``on_unavailable``.
+    """
+
+    channel: Literal["sms", "email"] = "sms"
+    message: str = "article_link"
+    article: str | None = None
+    from_intent: bool = False
+    to_var: str | None = None
+    sent: PromptField
+    next: str
+    unavailable: PromptField | None = None
+    on_unavailable: str
+
+    @model_validator(mode="after")
+    def _what(self) -> SendLinkNode:
+        if self.article is not None and self.from_intent:
+            raise ValueError("give 'article' or 'from_intent', not both")
+        if self.channel == "email" and self.to_var is None:
+            raise ValueError("an email link needs 'to_var' (the variable holding the address)")
+        return self
+
+    def edges(self) -> list[Edge]:
+        return [(self.next, ("next",)), (self.on_unavailable, ("on_unavailable",))]
+
+    async def run(self, call: CallContext) -> str | None:
+        catalogue = call.catalogue
+        article = self.article
+        if self.from_intent:
+            found = catalogue.article_for_intent(call.get_var("intent")) if catalogue else None
+            article = found.id if found else None
+        recipient = call.get_var(self.to_var) if self.to_var else call.session.caller
+        prepared = None
+        if catalogue is not None and (article or not catalogue.messages[self.message].needs_article):
+            prepared = await call.send_followup(self.channel, recipient or "", self.message, article,
+                                                purpose="in_call")
+        if prepared is not None and prepared.accepted:
+            call.record(self.id, "link-sent", f"{self.channel}:{article or self.message}")
+            await call.play(self.sent)
+            return self.next
+        call.record(self.id, "link-refused", prepared.reason if prepared is not None else "no-article")
+        if self.unavailable:
+            await call.play(self.unavailable)
+        return self.on_unavailable
+
+
+@register("survey")
+class SurveyNode(Node):
+    """One question answered with a key from 1 to 5, stored with the call; no answer is fine."""
+
+    question: str = "call"
+    prompt: PromptField
+    thanks: PromptField | None = None
+    timeout: float = Field(default=6.0, gt=0, le=30)
+    retries: int = Field(default=1, ge=0, le=3)
+    next: str | None = None
+
+    @field_validator("question")
+    @classmethod
+    def _question(cls, value: str) -> str:
+        return safe.var_name(value)
+
+    @property
+    def terminal(self) -> bool:
+        return self.next is None
+
+    def edges(self) -> list[Edge]:
+        return [(self.next, ("next",))] if self.next else []
+
+    async def run(self, call: CallContext) -> str | None:
+        for _ in range(self.retries + 1):
+            digit = await call.play(self.prompt, escape_digits="0123456789*#")
+            if digit is None:
+                digit = await call.wait_digit(self.timeout)
+            if digit is None:
+                call.record(self.id, "no-input")
+                continue
+            if digit in "12345":
+                call.record(self.id, "survey", digit)
+                await call.save_survey(self.question, int(digit))
+                if self.thanks:
+                    await call.play(self.thanks)
+                break
+            call.record(self.id, "invalid", digit)
+        if self.next is None:
+            await call.hangup()
+        return self.next
+
+
 @register("hangup")
 class HangupNode(Node):
     prompt: PromptField | None = None
@@ -370,6 +464,8 @@ def parse_node(ctx: FlowContext, node_id: str, body: Any) -> Node | None:
     for key, prompt in node.prompts():
         ok = ctx.check_prompt((*where, key), prompt) and ok
     header = ctx.header
+    if isinstance(node, SendLinkNode):
+        ok = _check_send_link(ctx, where, node) and ok
     if isinstance(node, TransferNode) and node.destination not in header.destinations:
         names = ", ".join(sorted(header.destinations)) or "none defined"
         ctx.problem((*where, "destination"), f"node '{node_id}': destination '{node.destination}' is not in the "
@@ -387,6 +483,34 @@ def parse_node(ctx: FlowContext, node_id: str, body: Any) -> Node | None:
             ctx.problem((*where, *path, name), f"node '{node_id}': language {value!r} is not in the flow's languages")
             ok = False
     return node if ok else None
+
+
+def _check_send_link(ctx: FlowContext, where: tuple[Any, ...], node: SendLinkNode) -> bool:
+    catalogue = ctx.catalogue
+    if catalogue is None:
+        ctx.problem((*where, "type"), f"node '{node.id}': send_link needs the FAQ catalogue (flows/faq.yaml), "
+                                      "which is missing or has errors")
+        return False
+    message = catalogue.messages.get(node.message)
+    if message is None:
+        ctx.problem((*where, "message"), f"node '{node.id}': message '{node.message}' is not in the catalogue "
+                                         f"({', '.join(sorted(catalogue.messages))})")
+        return False
+    if node.channel not in message.channels:
+        ctx.problem((*where, "channel"), f"node '{node.id}': message '{node.message}' has no {node.channel} text")
+        return False
+    if node.article is not None and node.article not in catalogue.articles:
+        ctx.problem((*where, "article"), f"node '{node.id}': article '{node.article}' is not in the catalogue")
+        return False
+    if message.needs_article and node.article is None and not node.from_intent:
+        ctx.problem(where, f"node '{node.id}': message '{node.message}' is about an article: give 'article' "
+                           "or 'from_intent: true'")
+        return False
+    missing = [lang for lang in ctx.header.languages if lang not in catalogue.languages]
+    if missing:
+        ctx.problem((*where, "type"), f"node '{node.id}': the catalogue has no {', '.join(missing)} texts")
+        return False
+    return True
 
 
 def _assignments(node: Node) -> list[tuple[tuple[Any, ...], str, str]]:
