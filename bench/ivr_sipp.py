@@ -490,6 +490,9 @@ writetimeout = 1000
                          "softphone_password": self.asterisk.softphone_password,
                          "root": str(self.asterisk.root) if self.asterisk.root else None},
             "flows": {"paths": [str(FLOW_DIR)], "default_flow": "bench", "reload_interval": 3600},
+            "links": {"secret": secrets.token_urlsafe(24)},
+            "web": {"port": 0},
+            "outbox": {"enabled": False},
         }
         path = self.tmp / "ivr-bridge.yaml"
         path.write_text(json.dumps(config, indent=2), encoding="utf-8")  # JSON is YAML

@@ -1,4 +1,5 @@
-"""``ivr-bridge``: the command line (run, call, flows check, prompts build, asterisk, db, interactions)."""
+"""``ivr-bridge``: the command line (run, call, flows check, prompts build, asterisk, kannel, db, interactions,
+outbox, report, dev-mail)."""
 
 from __future__ import annotations
 
@@ -160,6 +161,132 @@ def _path(steps: list[Any]) -> str:
     return " > ".join(parts)
 
 
+async def _with_store(config: Config, work: Any) -> Any:
+    from bridge.store import InteractionStore
+
+    store = InteractionStore(config.database_url)
+    await store.start()
+    try:
+        return await work(store)
+    finally:
+        await store.aclose()
+
+
+def cmd_outbox(args: argparse.Namespace) -> int:
+    from bridge.outbox import Outbox
+
+    config = _config(args)
+
+    async def list_rows(store: Any) -> int:
+        outbox = Outbox(store)
+        counts = await outbox.counts()
+        print("follow-ups: " + (", ".join(f"{state} {n}" for state, n in sorted(counts.items())) or "none"))
+        blocked = await outbox.blocked_reasons()
+        if blocked:
+            print("blocked by reason: " + ", ".join(f"{r} {n}" for r, n in sorted(blocked.items())))
+        for f in await outbox.list(args.state, args.limit, args.channel):
+            print(f"{f.created_at:%Y-%m-%d %H:%M:%S} {f.id} {f.channel:<5} {f.recipient[:24]:<24} {f.state:<9} "
+                  f"try {f.attempts} {f.template}{'/' + f.article_id if f.article_id else ''}"
+                  f"{'  ' + f.reason if f.reason else ''}")
+        return 0
+
+    async def retry(store: Any) -> int:
+        outbox = Outbox(store)
+        ids = list(args.ids)
+        if args.state:
+            ids += [f.id for f in await outbox.list(args.state, limit=100000)]
+        if not ids:
+            print("nothing to retry (give ids or --state dead|failed|uncertain)", file=sys.stderr)
+            return 2
+        n = await outbox.retry(ids)
+        print(f"{n} follow-up(s) queued again")
+        return 0
+
+    if args.action == "list":
+        return int(asyncio.run(_with_store(config, list_rows)))
+    if args.action == "retry":
+        return int(asyncio.run(_with_store(config, retry)))
+    _setup_logging(config.general.log_level)
+    return int(asyncio.run(_dispatch(config)))
+
+
+async def _dispatch(config: Config) -> int:
+    """Run only the outbox dispatcher (a process of its own, e.g. next to several web processes)."""
+    import signal
+
+    from bridge import db
+    from bridge.app import gateways
+    from bridge.events import EventBus
+    from bridge.outbox import Dispatcher
+    from bridge.store import InteractionStore
+
+    await db.upgrade(config.database_url)
+    store = InteractionStore(config.database_url)
+    bus = EventBus(config.redis.url or None, config.redis.events_channel)
+    await store.start()
+    await bus.start()
+    dispatcher = Dispatcher(store, gateways(config), config.outbox, bus)
+    await dispatcher.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    logging.getLogger(__name__).info("outbox dispatcher running: %s", ", ".join(dispatcher.gateways) or "no gateways")
+    try:
+        await stop.wait()
+    finally:
+        await dispatcher.aclose()
+        await bus.aclose()
+        await store.aclose()
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from bridge.reports import deflection, format_deflection
+
+    config = _config(args)
+    window = dt.timedelta(hours=args.window_hours or config.reports.deflection_window_hours)
+    since = dt.datetime.now(dt.UTC) - dt.timedelta(days=args.days)
+
+    async def report(store: Any) -> int:
+        rows = await deflection(store.sessions, since, window)
+        print(f"Deflection to self-service, last {args.days} day(s), window {window.total_seconds() / 3600:g} h")
+        print(format_deflection(rows))
+        return 0
+
+    return int(asyncio.run(_with_store(config, report)))
+
+
+def cmd_dev_mail(args: argparse.Namespace) -> int:
+    from email_out.devsink import main as sink_main
+
+    config = _config(args)
+    directory = config.email.dev_sink_dir or config.general.var_dir / "dev-mail"
+    return sink_main(["--dir", str(directory), "--host", config.email.host, "--port", str(config.email.port)])
+
+
+def cmd_kannel(args: argparse.Namespace) -> int:
+    from sms.kannel_proc import KannelInstance
+
+    config = _config(args)
+    ensure_secrets(config)
+    kannel = KannelInstance(config)
+    if args.action == "start":
+        kannel.start()
+        k = config.sms.kannel
+        print(f"Kannel '{k.instance}' up: sendsms http://{k.host}:{k.sendsms_port}, fake SMSC port {k.smsc_port}")
+    elif args.action == "stop":
+        kannel.stop()
+    elif args.action == "status":
+        print(kannel.status())
+    else:
+        for sender, to, text in kannel.received():
+            print(f"{sender} -> {to}: {text}")
+    return 0
+
+
 def cmd_call(args: argparse.Namespace) -> int:
     from ivr.softphone_cli import run_call
 
@@ -213,6 +340,28 @@ def build_parser() -> argparse.ArgumentParser:
     inter = sub.add_parser("interactions", parents=[common], help="list recent interactions with their path")
     inter.add_argument("--limit", type=int, default=20)
     inter.set_defaults(func=cmd_interactions)
+
+    outbox = sub.add_parser("outbox", parents=[common], help="follow-ups (SMS, email): list, retry, dispatch")
+    outbox.add_argument("action", choices=["list", "retry", "dispatch"])
+    outbox.add_argument("ids", nargs="*", help="follow-up ids (retry)")
+    outbox.add_argument("--state", help="only this state (list), or retry every follow-up in it (dead, failed, "
+                                        "uncertain)")
+    outbox.add_argument("--channel", choices=["sms", "email"])
+    outbox.add_argument("--limit", type=int, default=30)
+    outbox.set_defaults(func=cmd_outbox)
+
+    report = sub.add_parser("report", parents=[common], help="reports")
+    report.add_argument("name", choices=["deflection"])
+    report.add_argument("--days", type=int, default=14, help="calls of the last N days")
+    report.add_argument("--window-hours", type=float, help="no new call this long after the link was opened")
+    report.set_defaults(func=cmd_report)
+
+    sub.add_parser("dev-mail", parents=[common], help="run the dev mail sink (SMTP on email.host:email.port)") \
+        .set_defaults(func=cmd_dev_mail)
+
+    kannel = sub.add_parser("kannel", parents=[common], help="control the local Kannel with its fake SMSC (dev)")
+    kannel.add_argument("action", choices=["start", "stop", "status", "received"])
+    kannel.set_defaults(func=cmd_kannel)
 
     sub.add_parser("setup-secrets", parents=[common], help="generate missing secrets into var/secrets.yaml") \
         .set_defaults(func=cmd_setup_secrets)

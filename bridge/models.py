@@ -139,6 +139,7 @@ class SurveyAnswer(Base):
     """A one-question survey answer (1-5) given on the phone or on the web."""
 
     __tablename__ = "survey_answers"
+    __table_args__ = (UniqueConstraint("interaction_id", "question", name="uq_survey_answers_question"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     interaction_id: Mapped[str] = mapped_column(String(32), index=True)

@@ -134,8 +134,8 @@ class Outbox:
         from bridge.store import insert_followups
 
         async with self._sessions().begin() as session:
-            links = [p.link for p in prepared if p.link is not None]
-            await insert_followups(session, [p.followup for p in prepared])
+            written = await insert_followups(session, [p.followup for p in prepared])
+            links = [p.link for p in prepared if p.link is not None and p.id in written]
             if links:
                 await session.execute(_L.insert(), links)
 

@@ -211,11 +211,18 @@ async def _apply(session: AsyncSession, ops: list[_Op]) -> None:
 
 
 async def _apply_bundle(session: AsyncSession, bundle: Bundle) -> None:
+    written: set[str] | None = None
     for name, rows in bundle.items():
         if name == "update" or not isinstance(rows, list) or not rows:
             continue
         if name == "followups":
-            await insert_followups(session, rows)
+            written = await insert_followups(session, rows)
+        elif name == "links" and written is not None:  # a follow-up skipped as a duplicate brings no link
+            rows = [r for r in rows if r.get("followup_id") in written]
+            if rows:
+                await session.execute(insert(_TABLES[name]), rows)
+        elif name == "survey_answers":
+            await insert_ignoring(session, _TABLES[name], rows, ["interaction_id", "question"])
         else:
             await session.execute(insert(_TABLES[name]), rows)
     change = bundle.get("update")
@@ -224,11 +231,24 @@ async def _apply_bundle(session: AsyncSession, bundle: Bundle) -> None:
         await session.execute(update(_INTERACTIONS).where(_INTERACTIONS.c.id == change["_id"]).values(values))
 
 
-async def insert_followups(session: AsyncSession, rows: list[dict[str, object]]) -> None:
-    """Insert follow-ups; one whose idempotency key is already stored is skipped (it was accepted before)."""
+async def insert_followups(session: AsyncSession, rows: list[dict[str, object]]) -> set[str]:
+    """Insert follow-ups; one whose idempotency key is already stored is skipped (it was accepted before).
+    Returns the ids actually written."""
+    return await insert_ignoring(session, _FOLLOWUPS, rows, ["idempotency_key"])
+
+
+async def insert_ignoring(session: AsyncSession, table: Table, rows: list[dict[str, object]],
+                          unique: list[str]) -> set[str]:
+    """INSERT ... ON CONFLICT (unique) DO NOTHING on SQLite and PostgreSQL; returns the written rows' ids."""
+    if not rows:
+        return set()
     dialect = session.get_bind().dialect.name
     make = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    await session.execute(make(_FOLLOWUPS).on_conflict_do_nothing(index_elements=["idempotency_key"]), rows)
+    statement = make(table).on_conflict_do_nothing(index_elements=unique).returning(table.c.id)
+    written: set[str] = set()
+    for row in rows:  # one statement a row: RETURNING over executemany does not say which rows were skipped
+        written.update(str(i) for i in (await session.execute(statement, row)).scalars())
+    return written
 
 
 def step_rows(interaction_id: str, first_seq: int, steps: Sequence[StepRecord]) -> list[dict[str, object]]:

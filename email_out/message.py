@@ -35,9 +35,14 @@ class HeaderInjection(ValueError):
 
 
 def check_header(header: str, value: str) -> str:
-    """``value`` unchanged, or :class:`HeaderInjection` when it holds a line break, NUL or control character."""
+    """``value`` unchanged; :class:`HeaderInjection` when it holds a line break, NUL or control character,
+    ``ValueError`` when it is not valid Unicode."""
     if _UNSAFE.search(value):
         raise HeaderInjection(header, value)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: would only fail later, while the message is flattened
+        raise ValueError(f"{header}: not valid Unicode: {value!r}") from None
     return value
 
 
@@ -86,8 +91,9 @@ def build_message(outgoing: Outgoing, *, from_addr: str, from_name: str, domain:
     # X-Auto-Response-Suppress is Exchange's spelling of the same wish.
     message["Auto-Submitted"] = "auto-generated"
     message["X-Auto-Response-Suppress"] = "All"
-    if outgoing.language and _LANGUAGE.fullmatch(outgoing.language):
-        message["Content-Language"] = outgoing.language
     message.set_content(text, subtype="plain", charset="utf-8")
     message.add_alternative(body_html, subtype="html", charset="utf-8")
+    # After the content: setting content clears Content-* headers (and add_alternative moves them down).
+    if outgoing.language and _LANGUAGE.fullmatch(outgoing.language):
+        message["Content-Language"] = outgoing.language
     return message

@@ -13,9 +13,10 @@ Only the three bytes of the dot follow ``handing()``, hence ``interrupted = "sen
 
 Decisions worth knowing:
 
-- An authentication failure (535) is a ``retry``, not ``failed``: it is the gateway's configuration that is
-  wrong, not the message, and the message should go once the password is fixed (it is logged as an error).
-  TLS and connection failures are ``retry`` for the same reason.
+- An authentication failure (535, or 530 / 538 "authentication / encryption required" at MAIL) is a
+  ``retry``, not ``failed``: it is the gateway's configuration that is wrong, not the message, and the message
+  should go once the password is fixed (535 is logged as an error). TLS and connection failures are ``retry``
+  for the same reason.
 - A reused connection the server closed while it sat idle is reopened once, transparently, before anything of
   the message was sent.
 - A transaction refused at MAIL, RCPT or DATA is followed by RSET so the connection can be reused; a reply to the
@@ -56,6 +57,8 @@ END_OF_DATA = b".\r\n"  # follows the body, which always ends with CRLF
 # report them.
 _QUEUE_ID = re.compile(r"(?:\bqueued as|\bid=)\s*<?([A-Za-z0-9][A-Za-z0-9._@:-]*)", re.IGNORECASE)
 _FLUSH_POLL = 0.005
+# "Authentication required" / "Encryption required" (RFC 4954): our configuration is at fault, not the message.
+_CONFIG_REFUSALS = frozenset({530, 538})
 
 
 def encode_data(flat: bytes) -> bytes:
@@ -281,8 +284,9 @@ class SmtpGateway:
                 await asyncio.sleep(_FLUSH_POLL)
 
     async def _refused(self, conn: _Connection, stage: str, code: int, text: str) -> SendResult:
-        """A refusal before the dot: ``failed`` for 5xx, ``retry`` otherwise; RSET so the connection is reusable."""
-        status: SendStatus = "failed" if 500 <= code < 600 else "retry"
+        """A refusal before the dot: ``failed`` for 5xx (but 530 / 538), ``retry`` otherwise; then RSET so the
+        connection can be reused."""
+        status: SendStatus = "failed" if 500 <= code < 600 and code not in _CONFIG_REFUSALS else "retry"
         if conn.smtp is not None and conn.connected and 400 <= code < 600 and code != 421:
             try:
                 await conn.smtp.rset(timeout=self.config.timeout)

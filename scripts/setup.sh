@@ -24,7 +24,7 @@ fi
 # ---------------------------------------------------------------- apt packages
 APT_PKGS=(debootstrap redis-server espeak-ng libespeak-ng1 sox sip-tester ca-certificates kannel kannel-extras)
 if [ "$MODE" = test ]; then
-  APT_PKGS+=(postgresql chromium)
+  APT_PKGS+=(postgresql chromium fonts-wqy-microhei)
 fi
 missing=()
 for pkg in "${APT_PKGS[@]}"; do

@@ -36,11 +36,12 @@ import pytest
 from panoramisk.message import Message
 
 from bridge.app import App
-from bridge.config import AsteriskConfig, Config, TtsConfig
+from bridge.config import PROJECT_DIR, AsteriskConfig, Config, KannelConfig, TtsConfig
 from ivr.flow import load_flows
 from ivr.pbx import AsteriskInstance
 from ivr.prompts import PromptLibrary
 from ivr.softphone import Softphone, SoftphoneCall, SoftphoneConfig, sip_uri
+from sms.kannel_proc import BEARERBOX, FAKESMSC, SMSBOX, KannelInstance, instance_config
 
 ROOT = Path(os.environ.get("IVR_ASTERISK_ROOT", "/var/cache/ivr-bridge/asterisk-root"))
 FLOWS_IT = Path(__file__).resolve().parent / "flows_it"
@@ -111,7 +112,8 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 # ------------------------------------------------------------------------------------------------ asterisk
 def _flow_numbers() -> list[str]:
-    flows, problems = load_flows([FLOWS_IT])
+    """Numbers the test instance routes to the IVR: the test flows' and the shipped hotline's."""
+    flows, problems = load_flows([FLOWS_IT, FLOWS_IT.parent.parent / "flows"])
     errors = [str(p) for p in problems if p.severity == "error"]
     assert not errors, "test flows have errors:\n" + "\n".join(errors)
     return sorted({number for flow in flows.values() for number in flow.numbers})
@@ -334,6 +336,9 @@ class Harness:
         config.flows.default_flow = default_flow
         config.flows.reload_interval = reload_interval
         config.tts = TtsConfig()
+        config.links.secret = "test-link-secret-" + "x" * 16
+        config.web.port = 0              # no web app and no dispatcher unless a test asks for them
+        config.outbox.enabled = False
         return config
 
     def make_app(self, config: Config | None = None) -> App:
@@ -600,3 +605,33 @@ def flows_copy(tmp_path: Path) -> Callable[[str], Path]:
         return folder
     return copy
 
+
+# ------------------------------------------------------------------------------------------------ kannel
+KANNEL_SENDER = "IVRBridge"
+
+
+@pytest.fixture(scope="session")
+def kannel_config() -> Config:
+    config = Config()
+    config.general.var_dir = PROJECT_DIR / "var"
+    # Delivery reports our web app did not take are retried every second (the dev instance waits 10 s).
+    config.sms.kannel = instance_config("test", KannelConfig(password=secrets.token_urlsafe(18), timeout=5.0,
+                                                             dlr_retries=20, dlr_retry_delay=1))
+    config.sms.sender = KANNEL_SENDER
+    return config
+
+
+@pytest.fixture(scope="session")
+def kannel(kannel_config: Config) -> Iterator[KannelInstance]:
+    """The ``test`` Kannel instance, started once per session and stopped at its end."""
+    missing = [str(b) for b in (BEARERBOX, SMSBOX, FAKESMSC) if not b.exists()]
+    if missing:
+        _unavailable(f"Kannel is not installed ({', '.join(missing)}; apt-get install kannel kannel-extras)")
+    instance = KannelInstance(kannel_config)
+    instance.stop()  # whatever an earlier run left behind, with its old password
+    (instance.dir / "kannel.store").unlink(missing_ok=True)
+    instance.start()
+    try:
+        yield instance
+    finally:
+        instance.stop()

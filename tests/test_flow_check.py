@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from bridge.catalogue import load_catalogue
 from bridge.cli import main
 from ivr.flow import MAX_MENU_DEPTH, Flow, FlowError, Problem, load_flow, load_flow_text, load_flows
 
@@ -79,7 +80,9 @@ def test_position_points_at_the_offending_text() -> None:
 
 # ------------------------------------------------------------------------------------------- the shipped flow
 def test_hotline_loads_clean() -> None:
-    flow = load_flow(HOTLINE)
+    catalogue, problems = load_catalogue([ROOT / "flows"])
+    assert problems == []
+    flow = load_flow(HOTLINE, catalogue)
     assert isinstance(flow, Flow)
     assert flow.name == "hotline"
     assert flow.warnings == []

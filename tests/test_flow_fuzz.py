@@ -20,12 +20,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ruamel.yaml import YAML
 
+from bridge.catalogue import load_catalogue
 from ivr.flow import Flow, FlowError, Prompt, load_flow_text
 from ivr.nodes import NODE_TYPES, ConditionNode, TransferNode
 
 pytestmark = pytest.mark.unit
 
 HOTLINE = Path(__file__).resolve().parent.parent / "flows" / "hotline.yaml"
+CATALOGUE = load_catalogue([HOTLINE.parent])[0]
 HOTLINE_TEXT = HOTLINE.read_text(encoding="utf-8")
 HOTLINE_DOC: dict[str, Any] = YAML(typ="safe", pure=True).load(HOTLINE_TEXT)
 
@@ -40,7 +42,7 @@ LINE_BREAK = re.compile(r"\r\n|[\r\n\x85\u2028\u2029]")
 def check(text: str) -> Flow | None:
     """Load ``text``; only FlowError may escape, and whatever comes back must be sound."""
     try:
-        flow = load_flow_text(text, "fuzz.yaml")
+        flow = load_flow_text(text, "fuzz.yaml", CATALOGUE)
     except FlowError as exc:
         assert exc.problems
         last_line = len(LINE_BREAK.findall(text)) + 2
@@ -278,7 +280,7 @@ def container(doc: Any, path: tuple[Any, ...]) -> Any:
     return doc
 
 
-REFERENCES = ("next", "on_failure", "otherwise", "entry")
+REFERENCES = ("next", "on_failure", "otherwise", "entry", "on_unavailable")
 
 
 def rename(doc: dict[str, Any], old: str, new: Any) -> dict[str, Any]:

@@ -63,6 +63,7 @@ def upgrade() -> None:
         sa.Column("score", sa.Integer, nullable=False),
         sa.Column("channel", sa.String(8), nullable=False),
         sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+        sa.UniqueConstraint("interaction_id", "question", name="uq_survey_answers_question"),
     )
     op.create_index("ix_survey_answers_interaction_id", "survey_answers", ["interaction_id"])
 
