@@ -62,11 +62,13 @@ def deflection_config(ivr: Harness, kannel_config: Config, mail_sink: DevMailSin
     return config
 
 
-async def received_sms(kannel: KannelInstance, to: str, count: int = 1, timeout: float = 15) -> list[Any]:
-    """The fake SMSC's messages to ``to`` once there are ``count`` of them."""
+async def received_sms(kannel: KannelInstance, to: str, count: int = 1, timeout: float = 15,
+                       skip: int = 0) -> list[Any]:
+    """The fake SMSC's messages to ``to`` (after the first ``skip`` in its log) once there are ``count``."""
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
-        found = [m for m in await asyncio.to_thread(kannel.received) if m.receiver.lstrip("+") == to.lstrip("+")]
+        found = [m for m in (await asyncio.to_thread(kannel.received))[skip:]
+                 if m.receiver.lstrip("+") == to.lstrip("+")]
         if len(found) >= count or asyncio.get_running_loop().time() > deadline:
             return found
         await asyncio.sleep(0.1)
@@ -81,6 +83,7 @@ async def rows(app: App, model: Any) -> list[Any]:
 async def test_a_caller_who_takes_the_self_service_option_gets_a_signed_link_that_records_its_opening(
         ivr: Harness, kannel: KannelInstance, kannel_config: Config, mail_sink: DevMailSink) -> None:
     app = await ivr.start_app(deflection_config(ivr, kannel_config, mail_sink))
+    earlier = len(await asyncio.to_thread(kannel.received))  # the fake SMSC's log lives as long as the instance
     await ivr.softphone(user=MOBILE)
     call, watch = await ivr.dial("100", app=app)
     assert watch is not None
@@ -94,7 +97,7 @@ async def test_a_caller_who_takes_the_self_service_option_gets_a_signed_link_tha
     await call.wait_ended(timeout=10)
 
     # The SMS reached Kannel's fake SMSC with a signed link to the article, in the call's language.
-    sms = await received_sms(kannel, "+86" + MOBILE)
+    sms = await received_sms(kannel, "+86" + MOBILE, skip=earlier)
     assert len(sms) == 1, sms
     assert sms[0].text.startswith("Example Co.: Free returns within 30 days http://127.0.0.1:")
     link = LINK_RE.search(sms[0].text)
@@ -106,7 +109,7 @@ async def test_a_caller_who_takes_the_self_service_option_gets_a_signed_link_tha
     assert [(s.score, s.channel, s.interaction_id) for s in surveys] == [(5, "voice", watch.call_id)]
 
     # Opening the link (HTTP) records it and shows the article with the call it came from.
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:  # keeps 127.0.0.1's
         async with http.get(link.group(0)) as response:
             assert response.status == 200
             page = await response.text()
@@ -118,15 +121,15 @@ async def test_a_caller_who_takes_the_self_service_option_gets_a_signed_link_tha
         # "Email me this" from that page: the mail reaches the SMTP server with a text and an HTML part.
         csrf = re.search(r'name="csrf" value="([^"]+)"', page)
         nonce = re.search(r'name="nonce" value="([^"]+)"', page)
-        action = re.search(r'<form[^>]+action="([^"]+/email)"', page)
+        action = re.search(r'<form[^>]+action="(/help/a/returns/email[^"]*)"', page)
         assert csrf and nonce and action, "the article page has an email form"
-        async with http.post(app.config.web.public_url + action.group(1),
+        async with http.post(app.config.web.public_url + action.group(1).replace("&amp;", "&"),
                              data={"csrf": csrf.group(1), "nonce": nonce.group(1), "address": "Caller@Example.COM"},
                              headers={"Origin": app.config.web.public_url}) as response:
             assert response.status == 200, await response.text()
     await ivr.wait_until(lambda: len(list(mail_sink.directory.glob("*.eml"))) == 1, 15, "the mail")
     (mail,) = read_mailbox(mail_sink.directory)
-    assert mail.to == ["caller@example.com"] or "caller@example.com" in str(mail.to)
+    assert mail.to == "Caller@example.com"  # the domain is normalised, the local part is the customer's
     assert mail.subject == "Free returns within 30 days"
     assert LINK_RE.search(mail.text) and LINK_RE.search(mail.html or "")
 
@@ -149,31 +152,36 @@ async def test_a_burst_of_calls_from_one_number_range_and_a_blocked_country_is_c
     config.sms.countries = ["CN"]
     config.redis.url = ivr.redis_url
     app = await ivr.start_app(config)
+    earlier = len(await asyncio.to_thread(kannel.received))
     await app.limiter._redis.flushdb()  # type: ignore[union-attr]  # counters of earlier tests
-    callers = [f"1380099{i:04d}" for i in range(5)] + ["+447911123456"]
-    phones = [Softphone(SoftphoneConfig(user=c)) for c in callers]
-    for phone in phones:
-        await phone.start()
-    try:
-        calls = [await phone.dial(sip_uri("100", "127.0.0.1", SIP_PORT)) for phone in phones]
-        for call in calls:
-            await call.wait_answered(timeout=10)
-            await call.wait_media(timeout=5)
-        await asyncio.sleep(1.5)  # into the main menu's prompt
-        for call in calls:
-            await call.send_digits("3")
-        await ivr.wait_until(lambda: all(c.ended for c in calls), 40, "every call to end")
-    finally:
-        for phone in phones:
-            await phone.aclose()
+    # pjsua2 places at most 4 calls at once: two waves. Six numbers in one range (all but the last 3 digits
+    # shared), one from a country not on the list, one from another range.
+    waves = [[f"1380099{i:04d}" for i in range(4)],
+             ["13800990004", "13800990005", "+447911123456", "13900139000"]]
+    for callers in waves:
+        phones = [Softphone(SoftphoneConfig(user=c)) for c in callers]
+        try:
+            for phone in phones:
+                await phone.start()
+            calls = [await phone.dial(sip_uri("100", "127.0.0.1", SIP_PORT)) for phone in phones]
+            for call in calls:
+                await call.wait_answered(timeout=10)
+                await call.wait_media(timeout=5)
+            await asyncio.sleep(1.5)  # into the main menu's prompt
+            for call in calls:
+                await call.send_digits("3")  # the help centre link
+            await ivr.wait_until(lambda calls=calls: all(c.ended for c in calls), 40, "every call to end")
+        finally:
+            for phone in phones:
+                await phone.aclose()
     followups = await rows(app, FollowUp)
     states = sorted((f.recipient, f.state, f.reason) for f in followups)
     sent = [s for s in states if s[1] != "blocked"]
     blocked = sorted(s[2] or "" for s in states if s[1] == "blocked")
-    assert len(followups) == 6, states
-    assert len(sent) == 3 and blocked == ["country", "limit:prefix", "limit:prefix"], states
+    assert len(followups) == 8, states
+    assert blocked == ["country", "limit:prefix", "limit:prefix", "limit:prefix"], states
+    assert sorted(r for r, *_ in sent) == ["+8613800990000", "+8613800990001", "+8613800990002", "+8613900139000"]
     await asyncio.sleep(1)  # the dispatcher's sends reach the fake SMSC
-    sms = [m for m in await asyncio.to_thread(kannel.received) if m.receiver.lstrip("+").startswith("861380099")]
-    assert sorted(m.receiver.lstrip("+") for m in sms) == sorted(r.lstrip("+") for r, *_ in sent)
-    counts = await app.outbox.blocked_reasons()
-    assert counts.get("limit:prefix") == 2 and counts.get("country") == 1
+    sms = (await asyncio.to_thread(kannel.received))[earlier:]
+    assert sorted(m.receiver for m in sms) == sorted(r for r, *_ in sent), "the fake SMSC got just those"
+    assert await app.outbox.blocked_reasons() == {"limit:prefix": 3, "country": 1}
