@@ -94,9 +94,22 @@ class PromptLibrary:
         return target
 
     def _speak(self, text: str, language: str, out: Path) -> None:
+        for attempt in range(2):
+            if self._speak_pyttsx3(text, language, out, fresh=attempt > 0):
+                return
+            log.warning("pyttsx3 wrote no audio for %s prompt %r (attempt %d)", language, text[:40], attempt + 1)
+        # pyttsx3's espeak driver now and then ends its loop before the file is written; espeak-ng itself is
+        # what it drives, so the same voice and rate give the same prompt.
+        out.unlink(missing_ok=True)
+        result = subprocess.run(["espeak-ng", "-v", self.voice(language), "-s", str(self.tts.rate), "-w", str(out),
+                                 "--", text], capture_output=True, text=True, check=False, timeout=60)
+        if result.returncode != 0 or not _complete_wav(out):
+            raise PromptError(f"TTS produced no audio for {language} prompt {text[:40]!r}: {result.stderr.strip()}")
+
+    def _speak_pyttsx3(self, text: str, language: str, out: Path, fresh: bool) -> bool:
         import pyttsx3  # imported here: loading espeak is slow and only renderers need it
 
-        engine = getattr(self._local, "engine", None)
+        engine = None if fresh else getattr(self._local, "engine", None)
         if engine is None:
             engine = pyttsx3.init("espeak")
             self._local.engine = engine
@@ -107,11 +120,12 @@ class PromptLibrary:
             engine.setProperty("rate", self.tts.rate)
             engine.save_to_file(text, str(out))
             engine.runAndWait()  # one file per runAndWait: queuing two wrote only the last (PLATFORM.md)
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + 10
             while not _complete_wav(out):
                 if time.monotonic() > deadline:
-                    raise PromptError(f"TTS produced no audio for {language} prompt {text[:40]!r}")
+                    return False
                 time.sleep(0.02)
+        return True
 
     def render_system_prompts(self) -> None:
         """The dialplan's own bilingual announcements, at fixed names."""
