@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import jinja2
 from jinja2 import meta
@@ -62,6 +62,7 @@ class EmailTemplate(_Strict):
 
 class MessageModel(_Strict):
     description: str = ""
+    links_to: Literal["article", "help", "survey"] | None = None  # default: the article if it names one, else help
     sms: Texts | None = None
     email: EmailTemplate | None = None
 
@@ -97,12 +98,14 @@ class Rendered:
 
 @dataclass
 class Message:
-    """A message template; ``needs_article`` when it uses the article's title or summary."""
+    """A message template; ``needs_article`` when it uses the article's title or summary; its link opens
+    ``links_to`` (the article it is sent about, the help centre or the survey)."""
 
     name: str
     sms: dict[str, jinja2.Template]
     email: dict[str, dict[str, jinja2.Template]]  # language -> subject/text/html
     needs_article: bool
+    links_to: str = "help"
 
     @property
     def channels(self) -> set[str]:
@@ -302,7 +305,13 @@ class _Loader(Reporter):
                         email.setdefault(lang, {})[part] = template
         if not ok or self.errors:
             return None
-        return Message(name, sms, email, needs_article=bool(used & ARTICLE_VARIABLES))
+        needs_article = bool(used & ARTICLE_VARIABLES)
+        links_to = body.links_to or ("article" if needs_article else "help")
+        if links_to == "article" and not needs_article:
+            self.problem((*where, "links_to"), f"message '{name}' links to an article but never names it "
+                                               "(use {{ title }} or {{ summary }})")
+            return None
+        return Message(name, sms, email, needs_article=needs_article, links_to=links_to)
 
 
 def load_catalogue_text(text: str, path: str = "<catalogue>") -> Catalogue:

@@ -62,12 +62,12 @@ class FollowUpService:
         return f"{self.public_url}/l/{self.signer.token(link_id, expires)}"
 
     async def prepare(self, *, channel: str, recipient: str, message: str, language: str, purpose: str, key: str,
-                      interaction_id: str | None = None, article_id: str | None = None, link_to: str = "help",
+                      interaction_id: str | None = None, article_id: str | None = None,
                       region: str | None = None) -> Prepared:
         """Check the recipient, render the message and return its rows.
 
-        ``key`` makes the follow-up idempotent (the same key never gives a second message); ``link_to`` is
-        ``article`` (with ``article_id``), ``survey`` or ``help``.
+        ``key`` makes the follow-up idempotent (the same key never gives a second message); the message's
+        ``links_to`` says what its link opens (the article ``article_id``, the help centre, the survey).
         """
         catalogue = self.catalogue()
         if catalogue is None:
@@ -93,9 +93,11 @@ class FollowUpService:
                              "reason": admission.reason}, None)
         now = utcnow()
         expires = now + self.link_ttl
-        kind = "article" if article_id else link_to
+        kind = catalogue.messages[message].links_to
+        if kind == "article" and article is None:
+            raise ValueError(f"message '{message}' needs an article")
         link = {"id": new_id(), "interaction_id": interaction_id, "followup_id": row["id"], "kind": kind,
-                "target": article_id or link_to, "language": row["language"], "created_at": now,
+                "target": article_id if kind == "article" else kind, "language": row["language"], "created_at": now,
                 "expires_at": expires, "opens": 0}
         rendered = catalogue.render(message, channel, language, self.link_url(link["id"], expires), article)
         row.update(recipient=admission.recipient, state=FollowUpState.PENDING.value, reason=None,

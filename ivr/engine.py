@@ -424,7 +424,6 @@ class CallSession:
                     channel=rule.channel, recipient=self.caller, message=rule.message, language=ctx.language,
                     purpose="after_call", key=followup_key(self.call_id, rule.message, article),
                     interaction_id=self.call_id, article_id=article,
-                    link_to="survey" if rule.message == "survey" else "help",
                     region=self.engine.config.flows.default_region))
             except Exception:
                 self.log.exception("after-call follow-up %s failed", rule.message)

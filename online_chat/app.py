@@ -324,8 +324,7 @@ class Site:
                 return self.message(request, lang, t["rate_limited_title"], t["rate_limited_body"], status=429,
                                     back=back)
             prepared = await self.s.followups.prepare(channel="email", recipient=address, message="article_link",
-                                                      language=lang, purpose="web", key=key, article_id=article_id,
-                                                      link_to="article")
+                                                      language=lang, purpose="web", key=key, article_id=article_id)
             await self.s.outbox.enqueue([prepared])
         if not prepared.accepted:
             return self.refused(request, lang, prepared.reason, back)

@@ -25,7 +25,7 @@ cat <<MSG
 
 ivr-bridge is starting. In another terminal:
   .venv/bin/ivr-bridge call 100                    # call the hotline in English (101: Chinese, 102: choose)
-  .venv/bin/ivr-bridge call 100 --digits 2,2,5     # orders > returns: the link arrives by SMS; rate the call 5
+  .venv/bin/ivr-bridge call 100 --digits 2,2       # orders > returns: the link to the answer arrives by SMS
   .venv/bin/ivr-bridge kannel received             # the SMS the fake SMSC got
   .venv/bin/ivr-bridge outbox list                 # follow-ups (SMS, email) and their states
   .venv/bin/ivr-bridge interactions                # the calls stored, with the path each took

@@ -123,7 +123,7 @@ async def test_the_email_form_submits_and_shows_the_confirmation(site: WebHarnes
 async def test_a_survey_link_opened_and_a_rating_tapped_stores_the_answer(site: WebHarness,
                                                                           browser: Browser) -> None:
     call = await site.call()
-    path, _ = await site.sms_link("survey", call, link_to="survey")
+    path, _ = await site.sms_link("survey", call)
     context = await phone(browser)
     page = await context.new_page()
     await page.goto(f"{site.public_url}{path}")

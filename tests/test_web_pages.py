@@ -142,13 +142,12 @@ class WebHarness:
                   "intent": "billing", "started_at": dt.datetime(2025, 3, 4, 9, 30, tzinfo=dt.UTC), **fields}
         return await self.store.create(**values)
 
-    async def sms_link(self, message: str, interaction: Interaction | None, link_to: str = "help",
+    async def sms_link(self, message: str, interaction: Interaction | None,
                        article_id: str | None = None, language: str = "en") -> tuple[str, str]:
         """Queue an SMS the way a call does; returns the path of its link and the link id."""
         prepared = await self.services.followups.prepare(
             channel="sms", recipient="+8613800138000", message=message, language=language, purpose="after_call",
-            key=uuid.uuid4().hex, interaction_id=interaction.id if interaction else None, article_id=article_id,
-            link_to=link_to)
+            key=uuid.uuid4().hex, interaction_id=interaction.id if interaction else None, article_id=article_id)
         assert prepared.accepted and prepared.link is not None, prepared.reason
         await self.services.outbox.enqueue([prepared])
         url = re.search(r"https?://\S+", prepared.followup["payload"]["text"])
@@ -493,7 +492,7 @@ async def test_an_article_link_shows_its_call_and_counts_every_open(web: WebHarn
 
 async def test_a_help_link_shows_the_list_with_the_banner(web: WebHarness) -> None:
     call = await web.call(intent="self_service")
-    path, link_id = await web.sms_link("help_link", call, link_to="help", language="zh-CN")
+    path, link_id = await web.sms_link("help_link", call, language="zh-CN")
     body = await web.page(path)  # the link's language is the page's language when the visitor sets none
     assert '<html lang="zh-CN">' in body and "关于您在" in body and "按主题浏览" in body
     assert (await web.link(link_id)).opens == 1
@@ -540,7 +539,7 @@ async def answer(web: WebHarness, path: str, score: str, fields: dict[str, str])
 async def test_a_survey_answer_is_stored_once(make_web: MakeWeb, db_url: str) -> None:
     web = await make_web(db_url)
     call = await web.call()
-    path, _ = await web.sms_link("survey", call, link_to="survey")
+    path, _ = await web.sms_link("survey", call)
     body = await web.page(path + "?lang=en")
     assert "How happy are you with your call?" in body
     assert len(re.findall(r'<button type="submit" name="score" value="[1-5]"', body)) == 5
@@ -559,7 +558,7 @@ async def test_a_survey_answer_is_stored_once(make_web: MakeWeb, db_url: str) ->
 async def test_concurrent_survey_answers_store_one(make_web: MakeWeb, db_url: str) -> None:
     web = await make_web(db_url)
     call = await web.call()
-    path, _ = await web.sms_link("survey", call, link_to="survey")
+    path, _ = await web.sms_link("survey", call)
     body = await web.page(path)
     fields = dict(re.findall(r'<input type="hidden" name="(csrf)" value="([^"]*)"', body))
     results = await asyncio.gather(*(answer(web, path, str(n), fields) for n in range(1, 6)))
@@ -569,7 +568,7 @@ async def test_concurrent_survey_answers_store_one(make_web: MakeWeb, db_url: st
 
 async def test_a_survey_answer_needs_the_csrf_token_and_a_score(web: WebHarness) -> None:
     call = await web.call()
-    path, _ = await web.sms_link("survey", call, link_to="survey")
+    path, _ = await web.sms_link("survey", call)
     body = await web.page(path)
     fields = dict(re.findall(r'<input type="hidden" name="(csrf)" value="([^"]*)"', body))
     assert (await answer(web, path, "5", {"csrf": "f" * 64})).status == 403
