@@ -6,9 +6,14 @@ of no return (an SMTP server receiving the final dot, an HTTP request leaving fo
 records whether a dispatcher that died mid-send may have handed the message over:
 
 - died before ``handing``: the gateway never had it; sent again.
-- died after: resolved as the gateway's ``interrupted`` says: ``sent`` (SMTP: the dot follows at once),
-  ``verify`` (wait for the gateway's delivery report, send again only if none comes) or ``uncertain``
-  (kept for an operator: ``ivr-bridge outbox retry``).
+- died after: resolved as the gateway's ``interrupted`` says: ``sent``, ``verify`` (wait for the gateway's
+  delivery report, send again only if none comes) or ``uncertain`` (kept for an operator:
+  ``ivr-bridge outbox retry``).
+
+``handing(then)`` runs ``then`` (a plain function) in the same step of the event loop in which the hand-over
+state is known to be committed, with no other task in between: SMTP writes its final dot there, so a dispatcher
+killed between the record and the dot is limited to the database driver's own commit acknowledgement. Exactly
+once towards a server that cannot deduplicate is impossible in general; this keeps the window that small.
 """
 
 from __future__ import annotations
@@ -64,7 +69,10 @@ class SendResult:
     retry_after: float | None = None
 
 
-Handing = Callable[[], Awaitable[None]]
+class Handing(Protocol):
+    """Record "may have been handed over"; ``then`` runs right after that record is committed."""
+
+    def __call__(self, then: Callable[[], None] | None = None) -> Awaitable[None]: ...
 
 
 class Gateway(Protocol):
@@ -232,7 +240,9 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[None]] = set()
-        self._marks: list[tuple[str, list[str], dict[str, Any], asyncio.Future[bool]]] = []
+        self._sending: set[str] = set()  # ids of the rows whose sends are in flight (their leases are renewed)
+        self._marks: list[tuple[str, list[str], dict[str, Any], asyncio.Future[bool],
+                                Callable[[], None] | None]] = []
         self._mark_task: asyncio.Task[None] | None = None
         self.sent = 0
 
@@ -270,10 +280,13 @@ class Dispatcher:
         return self.store.sessions
 
     async def _run(self) -> None:
-        last_recover = 0.0
+        last_recover = last_renew = 0.0
         loop = asyncio.get_running_loop()
         while True:
             try:
+                if self._sending and loop.time() - last_renew >= self.config.lease / 3:
+                    await self._renew()
+                    last_renew = loop.time()
                 if loop.time() - last_recover >= min(5.0, self.config.poll_interval * 4):
                     await self.recover()
                     last_recover = loop.time()
@@ -305,8 +318,13 @@ class Dispatcher:
                                      _F.c.channel.in_(list(self.gateways)))
                .order_by(_F.c.next_attempt_at).limit(limit))
         if self.store.url.startswith("postgresql"):
-            due = due.with_for_update(skip_locked=True)  # another dispatcher's claim is not waited for
-        statement = (update(_F).where(_F.c.id.in_(due.scalar_subquery()), _F.c.state == S.PENDING.value)
+            # Another dispatcher's claim is not waited for. MATERIALIZED: PostgreSQL would otherwise re-run the
+            # LIMITed subquery once per row of the UPDATE and claim the whole backlog.
+            cte = due.with_for_update(skip_locked=True).cte("due").prefix_with("MATERIALIZED")
+            ids: Any = select(cte.c.id).scalar_subquery()
+        else:
+            ids = due.scalar_subquery()
+        statement = (update(_F).where(_F.c.id.in_(ids), _F.c.state == S.PENDING.value)
                      .values(state=S.SENDING.value, attempts=_F.c.attempts + 1,
                              lease_until=now + dt.timedelta(seconds=self.config.lease))
                      .returning(_F.c.id, _F.c.idempotency_key, _F.c.channel, _F.c.recipient, _F.c.language,
@@ -314,6 +332,14 @@ class Dispatcher:
         async with self._sessions().begin() as session:
             rows = (await session.execute(statement)).mappings().all()
         return [dict(r) for r in rows]
+
+    async def _renew(self) -> None:
+        """Extend the leases of the rows this dispatcher is still sending (a slow send is not taken back)."""
+        until = utcnow() + dt.timedelta(seconds=self.config.lease)
+        async with self._sessions().begin() as session:
+            await session.execute(update(_F).where(_F.c.id.in_(list(self._sending)),
+                                                   _F.c.state.in_([S.SENDING.value, S.HANDING.value]))
+                                  .values(lease_until=until))
 
     async def recover(self) -> None:
         """Take back what dispatchers that died left behind (leases expired), as the module doc says."""
@@ -341,16 +367,25 @@ class Dispatcher:
                                   .values(state=S.PENDING.value, next_attempt_at=now))
 
     async def _send(self, row: dict[str, Any]) -> None:
+        self._sending.add(row["id"])
+        try:
+            await self._send_one(row)
+        finally:
+            self._sending.discard(row["id"])
+
+    async def _send_one(self, row: dict[str, Any]) -> None:
         gateway = self.gateways[row["channel"]]
         message = Outgoing(row["id"], row["idempotency_key"], row["channel"], row["recipient"], row["language"],
                            row["payload"])
         handed = False
 
-        async def handing() -> None:
+        async def handing(then: Callable[[], None] | None = None) -> None:
             nonlocal handed
             if handed:
+                if then is not None:
+                    then()
                 return
-            if not await self._mark(row["id"], [S.SENDING], {"state": S.HANDING.value}):
+            if not await self._mark(row["id"], [S.SENDING], {"state": S.HANDING.value}, then):
                 raise RuntimeError("follow-up is no longer ours (lease lost)")
             handed = True
 
@@ -407,10 +442,12 @@ class Dispatcher:
             log.warning("follow-up %s by %s: %s (%s)", row["id"][:8], row["channel"], values["state"],
                         values.get("reason"))
 
-    async def _mark(self, followup_id: str, states: list[FollowUpState], values: dict[str, Any]) -> bool:
-        """Change a row if it is still in one of ``states``; group-committed with other sends' marks."""
+    async def _mark(self, followup_id: str, states: list[FollowUpState], values: dict[str, Any],
+                    then: Callable[[], None] | None = None) -> bool:
+        """Change a row if it is still in one of ``states``; group-committed with other sends' marks. ``then``
+        runs right after the commit, in the writer's own step, when the row did change."""
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._marks.append((followup_id, [s.value for s in states], values, future))
+        self._marks.append((followup_id, [s.value for s in states], values, future, then))
         if self._mark_task is None or self._mark_task.done():
             self._mark_task = asyncio.create_task(self._write_marks(), name="outbox-marks")
         return await asyncio.shield(future)
@@ -422,15 +459,22 @@ class Dispatcher:
             try:
                 async with self._sessions().begin() as session:
                     results = []
-                    for followup_id, states, values, _ in batch:
+                    for followup_id, states, values, _, _ in batch:
                         result = await session.execute(update(_F).where(_F.c.id == followup_id,
                                                                         _F.c.state.in_(states)).values(values))
                         results.append(bool(result.rowcount))
             except Exception as exc:
-                for *_, future in batch:
+                for *_, future, _ in batch:
                     if not future.done():
                         future.set_exception(exc)
                 continue
-            for (*_, future), ok in zip(batch, results, strict=True):
+            # Committed: the follow-ups' "then" first, before any other task can run (see the module doc).
+            for (*_, then), ok in zip(batch, results, strict=True):
+                if ok and then is not None:
+                    try:
+                        then()
+                    except Exception:
+                        log.exception("outbox: hand-over callback failed")
+            for (*_, future, _), ok in zip(batch, results, strict=True):
                 if not future.done():
                     future.set_result(ok)

@@ -6,10 +6,12 @@ the same pieces aiosmtplib uses (``SMTP.execute_command``, ``SMTPProtocol.write`
 ``normalize_message_line_endings`` and ``PERIOD_REGEX`` for line ends and dot-stuffing)::
 
     MAIL FROM, RCPT TO, DATA -> 354, the body (flushed)   refusals: 5xx failed, 4xx / broken connection retry
-    await handing()                                       the outbox records "may have been handed over"
-    ".\\r\\n", read the reply                              2xx sent, 4xx retry, 5xx failed, no reply unknown
+    await handing(write_dot)                              the outbox records "may have been handed over", then
+                                                          writes ".\\r\\n" in the same step of the event loop
+    read the reply                                        2xx sent, 4xx retry, 5xx failed, no reply unknown
 
-Only the three bytes of the dot follow ``handing()``, hence ``interrupted = "sent"``.
+Only the three bytes of the dot follow the hand-over record, written with no other task in between, hence
+``interrupted = "sent"``.
 
 Decisions worth knowing:
 
@@ -241,17 +243,25 @@ class SmtpGateway:
                 return None
             return SendResult("retry", error=f"{stage}: {exc or type(exc).__name__}")
 
-        await handing()
+        dot = False
+
+        def write_dot() -> None:
+            # Runs as soon as the outbox has committed the hand-over (no other task in between); the reply is
+            # marked as expected first, so aiosmtplib keeps it even if it arrives before read_response().
+            nonlocal dot
+            if smtp.protocol is protocol and protocol.is_connected:
+                protocol._response_pending = True
+                protocol.write(END_OF_DATA)
+                dot = True
+
+        await handing(write_dot)
 
         # The server cannot have taken a message whose dot it never got: a connection lost while handing()
         # ran is a plain retry.
-        if smtp.protocol is not protocol or not protocol.is_connected:
+        if not dot:
             conn.drop()
             return SendResult("retry", error="connection lost before the final dot")
         try:
-            protocol.write(END_OF_DATA)
-            # No await between the write and read_response(), which marks a reply as expected: the reply
-            # cannot arrive before aiosmtplib is ready to take it.
             reply = await protocol.read_response(timeout=timeout)
         except SMTPException as exc:  # disconnected, timed out, garbled reply
             conn.drop()

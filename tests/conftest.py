@@ -630,6 +630,7 @@ def kannel(kannel_config: Config) -> Iterator[KannelInstance]:
     instance = KannelInstance(kannel_config)
     instance.stop()  # whatever an earlier run left behind, with its old password
     (instance.dir / "kannel.store").unlink(missing_ok=True)
+    instance.fakesmsc_log.unlink(missing_ok=True)  # what earlier sessions received (it is parsed often)
     instance.start()
     try:
         yield instance

@@ -57,10 +57,12 @@ class Handing:
         self.calls = 0
         self.check = check
 
-    async def __call__(self) -> None:
+    async def __call__(self, then: Callable[[], None] | None = None) -> None:
         self.calls += 1
         if self.check is not None:
             await self.check()
+        if then is not None:  # as the outbox does, right after recording the hand-over
+            then()
 
 
 def free_port() -> int:
@@ -258,7 +260,7 @@ async def test_a_restarted_server_is_reconnected_to(sink: DevMailSink, gateways:
 async def test_a_failing_handing_abandons_the_message_undelivered(sink: DevMailSink, gateways: Any) -> None:
     gateway = await gateways(sink.port, connections=1)
 
-    async def database_down() -> None:
+    async def database_down(then: Any = None) -> None:
         raise RuntimeError("outbox row could not be marked")
 
     with pytest.raises(RuntimeError, match="could not be marked"):
@@ -272,7 +274,7 @@ async def test_a_send_cancelled_in_handing_delivers_nothing(sink: DevMailSink, g
     gateway = await gateways(sink.port)
     entered = asyncio.Event()
 
-    async def slow() -> None:
+    async def slow(then: Any = None) -> None:
         entered.set()
         await asyncio.sleep(30)
 

@@ -185,3 +185,44 @@ async def test_a_burst_of_calls_from_one_number_range_and_a_blocked_country_is_c
     sms = (await asyncio.to_thread(kannel.received))[earlier:]
     assert sorted(m.receiver for m in sms) == sorted(r for r, *_ in sent), "the fake SMSC got just those"
     assert await app.outbox.blocked_reasons() == {"limit:prefix": 3, "country": 1}
+
+
+async def test_a_caller_who_hangs_up_in_the_menus_gets_the_answer_for_what_they_chose(
+        ivr: Harness, kannel: KannelInstance, kannel_config: Config, mail_sink: DevMailSink) -> None:
+    app = await ivr.start_app(deflection_config(ivr, kannel_config, mail_sink))
+    earlier = len(await asyncio.to_thread(kannel.received))
+    await ivr.softphone(user="13800138123")
+    call, watch = await ivr.dial("101", app=app)              # the Chinese number
+    assert watch is not None
+    await ivr.press(call, watch, "main", "1")                 # billing: intent "billing"
+    await watch.next("prompt", node="billing")
+    await call.hangup()
+    ended = await watch.next("call-ended", timeout=10)
+    assert (ended["outcome"], ended["node"]) == ("abandoned", "billing")
+    sms = await received_sms(kannel, "+8613800138123", skip=earlier)
+    assert len(sms) == 1 and sms[0].text.startswith("示例公司：在线查看余额并付款 http://127.0.0.1:"), sms
+    (followup,) = await rows(app, FollowUp)
+    assert (followup.purpose, followup.article_id, followup.language) == ("after_call", "billing_balance", "zh-CN")
+
+
+async def test_out_of_hours_the_caller_is_offered_a_link_instead_of_a_queue(
+        ivr: Harness, kannel: KannelInstance, kannel_config: Config, mail_sink: DevMailSink,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from ivr.engine import CallContext
+
+    # 23:59:30 in Shanghai: after the hotline's office hours (00:00-23:59).
+    closed = dt.datetime(2026, 11, 20, 15, 59, 30, tzinfo=dt.UTC)
+    monkeypatch.setattr(CallContext, "now", lambda self: closed)
+    app = await ivr.start_app(deflection_config(ivr, kannel_config, mail_sink))
+    earlier = len(await asyncio.to_thread(kannel.received))
+    await ivr.softphone(user="13800138124")
+    call, watch = await ivr.dial("100", app=app)
+    assert watch is not None
+    await ivr.press(call, watch, "closed", "1")
+    await watch.next("prompt", node="closed_link", text="We have texted you the link.")
+    ended = await watch.next("call-ended", timeout=15)
+    assert ended["outcome"] == "completed"
+    sms = await received_sms(kannel, "+8613800138124", skip=earlier)
+    assert len(sms) == 1 and sms[0].text.startswith("Example Co. help centre, open day and night: http://"), sms
+    (link,) = await rows(app, Link)
+    assert (link.kind, link.target) == ("help", "help")

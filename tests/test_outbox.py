@@ -1,7 +1,7 @@
 """The outbox dispatcher on SQLite and PostgreSQL with a scripted gateway: states, retries, dead letters,
 recovery after a dispatcher died, two dispatchers sharing one database, idempotency keys, delivery reports.
 
-The real gateways (Kannel, SMTP) and a dispatcher killed with SIGKILL are in test_followups_real.py.
+The real gateways (Kannel, SMTP) and a dispatcher killed with SIGKILL are in test_outbox_real.py.
 """
 
 from __future__ import annotations
@@ -276,3 +276,25 @@ async def test_a_channel_without_a_gateway_here_is_left_for_another_process(stor
     finally:
         await dispatcher.aclose()
     assert (await states(store))[mail["id"]] == S.PENDING
+
+
+async def test_a_send_slower_than_the_lease_is_not_taken_back_by_another_dispatcher(
+        store: InteractionStore) -> None:
+    async def slow(message: Outgoing, attempt: int) -> SendResult:
+        await asyncio.sleep(1.5)
+        return SendResult("sent")
+
+    record = row()
+    await enqueue(store, [record])
+    busy, other = ScriptedGateway(script=slow), ScriptedGateway()
+    a = Dispatcher(store, [busy], fast(lease=0.6, poll_interval=0.05))
+    await a.start()
+    await until(store, lambda s: s[record["id"]] in (S.SENDING, S.HANDING))
+    b = Dispatcher(store, [other], fast(lease=0.6, poll_interval=0.05))
+    await b.start()
+    try:
+        await until(store, lambda s: s[record["id"]] == S.SENT)
+    finally:
+        await a.aclose()
+        await b.aclose()
+    assert (busy.taken, other.taken) == ([record["id"]], [])
