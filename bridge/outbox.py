@@ -122,7 +122,72 @@ log = logging.getLogger(__name__)
 S = FollowUpState
 _F: Table = FollowUp.__table__  # type: ignore[assignment]
 _L: Table = Link.__table__  # type: ignore[assignment]
-MARK_WINDOW = 0.002  # marks of concurrent sends share one transaction
+MARK_WINDOW = 0.002  # updates of concurrent sends and reports share one transaction
+
+
+_Update = tuple[str, tuple[str, ...], dict[str, Any], "asyncio.Future[bool]", Callable[[], None] | None]
+
+
+class RowUpdates:
+    """Conditional updates of follow-up rows ("set these values if the row is still in one of these states"),
+    group-committed: what concurrent sends and delivery reports ask for within a few milliseconds shares one
+    transaction, and updates with the same values share one statement (``UPDATE .. WHERE id IN (..) RETURNING``).
+    """
+
+    def __init__(self, store: InteractionStore) -> None:
+        self.store = store
+        self._queued: list[_Update] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def submit(self, followup_id: str, states: Iterable[FollowUpState], values: dict[str, Any],
+               then: Callable[[], None] | None = None) -> asyncio.Future[bool]:
+        """Queue an update; the future says whether the row changed. ``then`` runs right after the commit, in the
+        writer's own step of the event loop, when the row did change."""
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._queued.append((followup_id, tuple(s.value for s in states), values, future, then))
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._write(), name="outbox-updates")
+        return future
+
+    async def drain(self) -> None:
+        if self._task is not None:
+            with contextlib.suppress(Exception):
+                await self._task
+
+    async def _write(self) -> None:
+        while self._queued:
+            await asyncio.sleep(MARK_WINDOW)
+            batch, self._queued = self._queued, []
+            groups: dict[tuple[Any, ...], list[_Update]] = {}
+            for item in batch:
+                groups.setdefault((item[1], tuple(sorted(item[2].items()))), []).append(item)
+            changed: set[str] = set()
+            try:
+                if self.store.sessions is None:
+                    raise RuntimeError("the store is not started")
+                async with self.store.sessions.begin() as session:
+                    for (states, _), items in groups.items():
+                        ids = list(dict.fromkeys(i[0] for i in items))
+                        result = await session.execute(
+                            update(_F).where(_F.c.id.in_(ids), _F.c.state.in_(states)).values(items[0][2])
+                            .returning(_F.c.id))
+                        changed.update(result.scalars())
+            except Exception as exc:
+                for item in batch:
+                    if not item[3].done():
+                        item[3].set_exception(exc)
+                continue
+            # Committed: the follow-ups' "then" first, before any other task can run (see the module doc).
+            for followup_id, _, _, _, then in batch:
+                if then is not None and followup_id in changed:
+                    try:
+                        then()
+                    except Exception:
+                        log.exception("outbox: hand-over callback failed")
+            for followup_id, _, _, future, _ in batch:
+                if not future.done():
+                    future.set_result(followup_id in changed)
+                    changed.discard(followup_id)  # a second update of one row in one batch did not change it
 
 
 class Outbox:
@@ -131,6 +196,7 @@ class Outbox:
     def __init__(self, store: InteractionStore, bus: EventBus | None = None) -> None:
         self.store = store
         self.bus = bus
+        self._updates = RowUpdates(store)
 
     def _sessions(self) -> Any:
         if self.store.sessions is None:
@@ -202,11 +268,8 @@ class Outbox:
         states, values = changes[status]
         if gateway_ref:
             values = {**values, "gateway_ref": gateway_ref[:128]}
-        async with self._sessions().begin() as session:
-            result = await session.execute(update(_F).where(_F.c.id == followup_id,
-                                                            _F.c.state.in_([str(s) for s in states]))
-                                           .values(lease_until=None, **values))
-        changed = bool(result.rowcount)
+        # Kannel sends two reports a message: group-committed with the others arriving meanwhile.
+        changed = await self._updates.submit(followup_id, [S(s) for s in states], {**values, "lease_until": None})
         if changed and self.bus is not None:
             self.bus.publish("followup", id=followup_id, state=values["state"])
         return changed
@@ -241,9 +304,8 @@ class Dispatcher:
         self._task: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[None]] = set()
         self._sending: set[str] = set()  # ids of the rows whose sends are in flight (their leases are renewed)
-        self._marks: list[tuple[str, list[str], dict[str, Any], asyncio.Future[bool],
-                                Callable[[], None] | None]] = []
-        self._mark_task: asyncio.Task[None] | None = None
+        self._updates = RowUpdates(store)
+        self._room = asyncio.Event()
         self.sent = 0
 
     async def start(self) -> None:
@@ -263,9 +325,7 @@ class Dispatcher:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-        if self._mark_task is not None:
-            with contextlib.suppress(Exception):
-                await self._mark_task
+        await self._updates.drain()
         for gateway in self.gateways.values():
             with contextlib.suppress(Exception):
                 await gateway.aclose()
@@ -273,6 +333,11 @@ class Dispatcher:
     def wake(self) -> None:
         """New follow-ups were written: look now instead of at the next poll."""
         self._wake.set()
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        if len(self._inflight) <= self.config.concurrency:
+            self._room.set()
 
     def _sessions(self) -> Any:
         if self.store.sessions is None:
@@ -290,8 +355,10 @@ class Dispatcher:
                 if loop.time() - last_recover >= min(5.0, self.config.poll_interval * 4):
                     await self.recover()
                     last_recover = loop.time()
+                # Claim when at most ``concurrency`` sends are in flight, up to twice that: one claim brings a
+                # batch, instead of a transaction for every send that finishes.
                 room = self.config.concurrency * 2 - len(self._inflight)
-                claimed = await self._claim(min(room, self.config.batch)) if room > 0 else []
+                claimed = await self._claim(min(room, self.config.batch))
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -300,11 +367,12 @@ class Dispatcher:
             for row in claimed:
                 task = asyncio.create_task(self._send(row), name=f"followup-{row['id'][:8]}")
                 self._inflight.add(task)
-                task.add_done_callback(self._inflight.discard)
+                task.add_done_callback(self._done)
             if claimed and len(claimed) >= min(room, self.config.batch):
-                await asyncio.sleep(0)  # more may be due: claim again once sends have started
-                if len(self._inflight) >= self.config.concurrency * 2:
-                    await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
+                if len(self._inflight) > self.config.concurrency:  # more are due: claim again when there is room
+                    self._room.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._room.wait(), self.config.lease / 3)
                 continue
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
@@ -444,37 +512,5 @@ class Dispatcher:
 
     async def _mark(self, followup_id: str, states: list[FollowUpState], values: dict[str, Any],
                     then: Callable[[], None] | None = None) -> bool:
-        """Change a row if it is still in one of ``states``; group-committed with other sends' marks. ``then``
-        runs right after the commit, in the writer's own step, when the row did change."""
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._marks.append((followup_id, [s.value for s in states], values, future, then))
-        if self._mark_task is None or self._mark_task.done():
-            self._mark_task = asyncio.create_task(self._write_marks(), name="outbox-marks")
-        return await asyncio.shield(future)
-
-    async def _write_marks(self) -> None:
-        while self._marks:
-            await asyncio.sleep(MARK_WINDOW)
-            batch, self._marks = self._marks, []
-            try:
-                async with self._sessions().begin() as session:
-                    results = []
-                    for followup_id, states, values, _, _ in batch:
-                        result = await session.execute(update(_F).where(_F.c.id == followup_id,
-                                                                        _F.c.state.in_(states)).values(values))
-                        results.append(bool(result.rowcount))
-            except Exception as exc:
-                for *_, future, _ in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            # Committed: the follow-ups' "then" first, before any other task can run (see the module doc).
-            for (*_, then), ok in zip(batch, results, strict=True):
-                if ok and then is not None:
-                    try:
-                        then()
-                    except Exception:
-                        log.exception("outbox: hand-over callback failed")
-            for (*_, future, _), ok in zip(batch, results, strict=True):
-                if not future.done():
-                    future.set_result(ok)
+        """Change a row if it is still in one of ``states`` (group-committed, see :class:`RowUpdates`)."""
+        return await asyncio.shield(self._updates.submit(followup_id, states, values, then))
