@@ -1,8 +1,8 @@
 """Benchmark of the outbox: N follow-ups (half SMS through Kannel, half email to an SMTP server), sent by the
 outbox dispatcher and, as the baseline, by a plain asyncio loop calling sendsms / aiosmtplib directly.
 
-    .venv/bin/python bench/followups.py [--count 10000] [--concurrency 32] [--db URL] [--quick] [--profile]
-                                        [--json F] [--keep]
+    .venv/bin/python bench/followups.py [--count 10000] [--repeat K] [--concurrency 32] [--db URL] [--quick]
+                                        [--timings] [--profile] [--breakdown N] [--json F] [--keep]
 
 Both runs send the same kind of messages to the same kind of receivers, each run on fresh ones:
 
@@ -14,9 +14,9 @@ Both runs send the same kind of messages to the same kind of receivers, each run
     CPU and event loop), one mail folder per run.
 
 baseline: W workers (default: the dispatcher's in-flight bound, 2 x ``--concurrency``) take the messages in
-turn; an SMS is one aiohttp GET of ``KannelGateway.request_url(message)`` (the gateway's exact request), an
-email is ``build_message`` + ``aiosmtplib.SMTP.send_message`` on one of ``--smtp-connections`` open connections.
-No database.
+turn; an SMS is one aiohttp GET of ``KannelGateway.request_url(message)`` (the gateway's exact request; a plain
+session with keep-alive unless ``--baseline-no-keepalive``), an email is ``build_message`` +
+``aiosmtplib.SMTP.send_message`` on one of ``--smtp-connections`` open connections. No database.
 
 outbox: the N rows are enqueued first (``Outbox.enqueue``, timed separately), then a ``Dispatcher`` with
 ``KannelGateway`` and ``SmtpGateway`` runs in this process until every row is final (sent, delivered, failed,
@@ -26,7 +26,13 @@ schema of that database (dropped afterwards).
 Measured: throughput of both (messages / second until the last one was taken by its gateway) and their ratio;
 lost (tokens never received), duplicated (received more than once), rows not final; the RSS of this process
 (which runs the dispatcher) every 0.5 s during the outbox run ("flat": the peak of the last 20 % of the run
-within 10 % or 5 MiB of the RSS at 20 %); CPU seconds of every process involved.
+within 10 % or 5 MiB of the RSS at 20 %); CPU seconds of every process involved, of other processes on the
+machine meanwhile ("others") and of interrupts + hypervisor steal ("irq+steal").
+
+Diagnosis: ``--timings`` times the outbox run's gateway sends (up to / in / after ``handing()``), delivery
+reports, SQL statements and database connection use; ``--profile`` adds cProfile of the event loop;
+``--breakdown N`` instead measures the CPU cost of each operation alone; ``--ignore-reports`` has the outbox run
+only answer delivery reports, as the baseline does.
 
 Exit status: 0 when every target was met, 1 when one was missed, 3 when the bench could not run. ``--quick``
 (200 follow-ups) judges only lost / duplicated / not final: throughput and memory are printed, not judged.
@@ -134,11 +140,17 @@ def rss_bytes(pid: int | str = "self") -> int:
 
 
 def machine_jiffies() -> tuple[int, int]:
-    """(busy, total) jiffies of all CPUs since boot."""
+    """(busy, total) jiffies of all CPUs since boot; busy = user, nice, system, irq, softirq (not steal)."""
+    return _cpu_fields()[:2]
+
+
+def _cpu_fields() -> tuple[int, int, int, int]:
+    """(busy, total, process time (user + nice + system), irq + softirq + steal) jiffies of all CPUs."""
     with open("/proc/stat") as fh:
-        values = [int(v) for v in fh.readline().split()[1:]]
-    idle = values[3] + (values[4] if len(values) > 4 else 0)
-    return sum(values) - idle, sum(values)
+        v = [int(x) for x in fh.readline().split()[1:]] + [0] * 10
+    user, nice, system, idle, iowait, irq, softirq, steal = v[:8]
+    busy = user + nice + system + irq + softirq
+    return busy, busy + idle + iowait + steal, user + nice + system, irq + softirq + steal
 
 
 def free_port() -> int:
@@ -234,6 +246,7 @@ class DlrReceiver:
         self.secret = secret
         self.port = free_port()
         self.outbox: Outbox | None = None
+        self.timings: dict[str, list[float]] | None = None
         self.reports: Counter[str] = Counter()   # status -> reports received
         self.changed = 0
         self.refused = 0
@@ -276,8 +289,12 @@ class DlrReceiver:
             self.refused += 1
             return web.Response(status=403, text="forbidden")
         self.reports[str(report.dlr_type)] += 1
+        started = time.perf_counter()
         if await self.outbox.delivery_report(report.followup_id, report.status, report.gateway_ref):
             self.changed += 1
+        if self.timings is not None:
+            self.timings.setdefault("delivery report: Outbox.delivery_report()", []).append(
+                time.perf_counter() - started)
         return web.Response(text="ok")
 
 
@@ -325,7 +342,8 @@ class MailSink:
 # ------------------------------------------------------------------------------------------------- results
 @dataclass
 class RunResult:
-    name: str
+    name: str       # "baseline", "outbox" ("baseline-2", ... with --repeat)
+    kind: str       # "baseline" or "outbox"
     count: int
     sms: int
     email: int
@@ -350,6 +368,9 @@ class RunResult:
     rss: list[tuple[float, int]] = field(default_factory=list)
     max_inflight: int = 0
     smtp_connections_opened: int = 0
+    timings: dict[str, list[float]] = field(default_factory=dict)
+    counts: Counter[str] = field(default_factory=Counter)
+    probe: dict[str, float] = field(default_factory=dict)
     lost_examples: list[str] = field(default_factory=list)
     dup_examples: list[str] = field(default_factory=list)
 
@@ -390,7 +411,6 @@ class Bench:
         self._lock: Any = None
         self.pg_schema: str | None = None
         self.profile: cProfile.Profile | None = None
-        self.timings: dict[str, list[float]] = {}
 
     # ------------------------------------------------------------------------------------------ set-up
     def config(self, run: str, sink_port: int = 0) -> Config:
@@ -430,8 +450,7 @@ class Bench:
 
     def _stop_leftovers(self, old: Path) -> None:
         """Stop what a run that died (SIGKILL) left running in its temp folder ``old``."""
-        for run in ("baseline", "outbox", "warmup"):
-            run_dir = old / run
+        for run_dir in [p for p in old.iterdir() if p.is_dir()] if old.is_dir() else []:
             if (run_dir / "kannel" / INSTANCE).is_dir():
                 config = Config()
                 config.general.var_dir = run_dir
@@ -479,17 +498,27 @@ class Bench:
             log(f"kept {self.tmp}")
 
     # ------------------------------------------------------------------------------------------ measuring
-    def snapshot(self) -> dict[str, float]:
+    def snapshot(self, pg_backends: list[int] | None = None) -> dict[str, float]:
         assert self.kannel is not None
-        busy, total = machine_jiffies()
-        return {"bench": cpu_seconds(os.getpid()), "bearerbox": cpu_seconds(self.kannel.pid("bearerbox")),
+        busy, total, processes, kernel = _cpu_fields()
+        backends = {f"_pg{pid}": cpu_seconds(pid) for pid in pg_backends or []}  # same machine only
+        return {**backends, "bench": cpu_seconds(os.getpid()), "bearerbox": cpu_seconds(self.kannel.pid("bearerbox")),
                 "smsbox": cpu_seconds(self.kannel.pid("smsbox")), "fakesmsc": cpu_seconds(self.kannel.pid("fakesmsc")),
                 "mail sink": cpu_seconds(self.sink.pid if self.sink else None), "_busy": busy, "_total": total,
+                "_processes": processes, "_kernel": kernel,
                 "_at": time.monotonic()}
 
     @staticmethod
     def fill_cpu(result: RunResult, before: dict[str, float], after: dict[str, float]) -> None:
         result.cpu = {k: round(after[k] - before[k], 2) for k in before if not k.startswith("_")}
+        pg = [k for k in after if k.startswith("_pg")]
+        if pg:  # PostgreSQL backends of this run (those that started during the run count from 0)
+            result.cpu["postgres"] = round(sum(after[k] - before.get(k, 0.0) for k in pg), 2)
+        # All processes' CPU time minus this run's processes: other work on this (shared) machine meanwhile;
+        # "irq+steal" is interrupt and softirq time (loopback networking lands there) plus the hypervisor's steal.
+        ours = sum(result.cpu.values())
+        result.cpu["others"] = round((after["_processes"] - before["_processes"]) / CLK_TCK - ours, 1)
+        result.cpu["irq+steal"] = round((after["_kernel"] - before["_kernel"]) / CLK_TCK, 1)
         result.machine_busy = (after["_busy"] - before["_busy"]) / max(1, after["_total"] - before["_total"])
 
     async def wait_receivers(self, result: RunResult, specs: list[Spec], sms_dlrs: int) -> None:
@@ -535,15 +564,18 @@ class Bench:
         result.dlr_changed = self.dlr.changed
 
     # ------------------------------------------------------------------------------------------ baseline
-    async def run_baseline(self, specs: list[Spec], workers: int) -> RunResult:
-        config = self.start_receivers("baseline")
-        result = RunResult("baseline", len(specs), sum(1 for s in specs if s.message.channel == "sms"),
+    async def run_baseline(self, specs: list[Spec], workers: int, name: str = "baseline") -> RunResult:
+        config = self.start_receivers(name)
+        result = RunResult(name, "baseline", len(specs), sum(1 for s in specs if s.message.channel == "sms"),
                            sum(1 for s in specs if s.message.channel == "email"), workers=workers)
         self.dlr.reset(None)
         urls = KannelGateway(config.sms, self.dlr.public_url, self.secret)  # only builds request URLs
         from_addr = config.email.from_addr
         pool: asyncio.Queue[aiosmtplib.SMTP] = asyncio.Queue()
-        session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+        # A plain session (keep-alive on) unless --baseline-no-keepalive: then one connection a request, as the
+        # gateway does.
+        session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30),
+                                        connector=aiohttp.TCPConnector(force_close=self.args.baseline_no_keepalive))
         opened: list[aiosmtplib.SMTP] = []
         try:
             for _ in range(config.email.connections):
@@ -555,9 +587,14 @@ class Bench:
             it = iter(specs)
             errors = result.send_errors
 
+            sms_times = result.timings.setdefault("raw sms: the sendsms request", [])
+            wait_times = result.timings.setdefault("raw email: waiting for a connection", [])
+            mail_times = result.timings.setdefault("raw email: send_message", [])
+
             async def worker() -> None:
                 for spec in it:
                     msg = spec.message
+                    t0 = time.perf_counter()
                     if msg.channel == "sms":
                         try:
                             async with session.get(urls.request_url(msg)) as resp:
@@ -566,16 +603,20 @@ class Bench:
                                 errors[f"sms HTTP {resp.status}: {body[:60]}"] += 1
                         except (aiohttp.ClientError, TimeoutError) as exc:
                             errors[f"sms {type(exc).__name__}"] += 1
+                        sms_times.append(time.perf_counter() - t0)
                     else:
                         mail = build_message(msg, from_addr=from_addr, from_name=config.email.from_name,
                                              domain=SENDER_DOMAIN)
                         smtp = await pool.get()
+                        t1 = time.perf_counter()
                         try:
                             await smtp.send_message(mail)
                         except (aiosmtplib.SMTPException, OSError) as exc:
                             errors[f"email {type(exc).__name__}"] += 1
                         finally:
                             pool.put_nowait(smtp)
+                        wait_times.append(t1 - t0)
+                        mail_times.append(time.perf_counter() - t1)
 
             before = self.snapshot()
             started = time.perf_counter()
@@ -587,15 +628,124 @@ class Bench:
             for smtp in opened:
                 with contextlib.suppress(Exception):
                     await smtp.quit()
-        log(f"baseline: {result.count} in {result.seconds:.2f} s = {result.rate:.0f}/s; waiting for the receivers")
+        log(f"{name}: {result.count} in {result.seconds:.2f} s = {result.rate:.0f}/s; waiting for the receivers")
         await self.wait_receivers(result, specs, 2 * result.sms)
         await asyncio.to_thread(self.stop_receivers)
         return result
 
+    # ------------------------------------------------------------------------------------------ breakdown
+    async def run_breakdown(self, n: int) -> list[tuple[str, int, float, float]]:
+        """CPU of this process per operation, each measured alone: the raw sends, the gateways' sends and the
+        outbox's database work for one follow-up (enqueue, claim, two marks, delivery reports)."""
+        config = self.start_receivers("breakdown")
+        self.dlr.reset(None)
+        rows: list[tuple[str, int, float, float]] = []
+        conc = 2 * self.args.concurrency
+
+        async def noop(then: Any = None) -> None:  # handing() with nothing to record
+            if then is not None:
+                then()
+
+        sms = [s.message for s in make_specs("K", 2 * n) if s.message.channel == "sms"]
+        mails = [s.message for s in make_specs("K", 2 * n) if s.message.channel == "email"]
+        urls = KannelGateway(config.sms, self.dlr.public_url, self.secret)
+        for label, force_close in (("raw sms: aiohttp GET, keep-alive", False),
+                                   ("raw sms: aiohttp GET, one connection a request", True)):
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=force_close)) as session:
+                async def get(msg: Outgoing, session: aiohttp.ClientSession = session) -> None:
+                    async with session.get(urls.request_url(msg)) as resp:
+                        await resp.text()
+                rows.append(await measure(label, sms[:n // 2], get, conc))
+        gateway = KannelGateway(config.sms, self.dlr.public_url, self.secret)
+        await gateway.start()
+        try:
+            rows.append(await measure("KannelGateway.send (handing() a no-op)", sms[n // 2:],
+                                      lambda m: gateway.send(m, noop), conc))
+        finally:
+            await gateway.aclose()
+        pool: asyncio.Queue[aiosmtplib.SMTP] = asyncio.Queue()
+        for _ in range(config.email.connections):
+            smtp = aiosmtplib.SMTP(hostname=config.email.host, port=config.email.port, local_hostname=HELO)
+            await smtp.connect()
+            pool.put_nowait(smtp)
+
+        async def raw_mail(msg: Outgoing) -> None:
+            mail = build_message(msg, from_addr=config.email.from_addr, from_name=config.email.from_name,
+                                 domain=SENDER_DOMAIN)
+            smtp = await pool.get()
+            try:
+                await smtp.send_message(mail)
+            finally:
+                pool.put_nowait(smtp)
+
+        rows.append(await measure("raw email: build_message + send_message", mails[:n // 2], raw_mail, conc))
+        while not pool.empty():
+            with contextlib.suppress(Exception):
+                await pool.get_nowait().quit()
+        smtp_gateway = SmtpGateway(config.email)
+        await smtp_gateway.start()
+        try:
+            rows.append(await measure("SmtpGateway.send (handing() a no-op)", mails[n // 2:],
+                                      lambda m: smtp_gateway.send(m, noop), conc))
+        finally:
+            await smtp_gateway.aclose()
+        await self.wait_quiet()
+
+        url = f"sqlite+aiosqlite:///{self.tmp / 'breakdown' / 'ivr-bridge.db'}" if not self.args.db \
+            else await self.database_url()
+        await db.upgrade(url)
+        store = InteractionStore(url)
+        await store.start()
+        try:
+            outbox = Outbox(store)
+            dispatcher = Dispatcher(store, [urls, smtp_gateway], config.outbox)
+            specs = make_specs("K", n)
+            chunk = self.args.enqueue_batch
+            batches = [specs[i:i + chunk] for i in range(0, n, chunk)]
+            name, _, cpu, wall = await measure(
+                f"Outbox.enqueue ({chunk} rows a transaction)", batches,
+                lambda b: outbox.enqueue([Prepared(outbox_row(s.message), None) for s in b]), 1)
+            rows.append((name + ", per row", n, cpu * len(batches) / n, wall * len(batches) / n))
+            claimed: list[dict[str, Any]] = []
+            limit = min(2 * config.outbox.concurrency, config.outbox.batch)
+
+            async def claim(_: int) -> None:
+                claimed.extend(await dispatcher._claim(limit))
+
+            name, _, cpu, wall = await measure(f"Dispatcher._claim ({limit} rows a claim)",
+                                               list(range(-(-n // limit))), claim, 1)
+            rows.append((name + ", per row", len(claimed), cpu * -(-n // limit) / max(1, len(claimed)),
+                         wall * -(-n // limit) / max(1, len(claimed))))
+            ids = [r["id"] for r in claimed]
+            rows.append(await measure("Dispatcher._mark sending -> handing (per row)", ids,
+                                      lambda i: dispatcher._mark(i, [S.SENDING], {"state": S.HANDING.value}), conc))
+            rows.append(await measure("Dispatcher._mark handing -> sent (per row)", ids,
+                                      lambda i: dispatcher._mark(i, [S.SENDING, S.HANDING],
+                                                                 {"state": S.SENT.value, "sent_at": utcnow(),
+                                                                  "lease_until": None}), conc))
+            rows.append(await measure("Outbox.delivery_report 'delivered' (per report)", ids,
+                                      lambda i: outbox.delivery_report(i, "delivered", "ref"), 16))
+            rows.append(await measure("Outbox.delivery_report, no change (per report)", ids,
+                                      lambda i: outbox.delivery_report(i, "accepted", "ref"), 16))
+        finally:
+            await store.aclose()
+            await self.drop_schema()
+        await asyncio.to_thread(self.stop_receivers)
+        return rows
+
+    async def wait_quiet(self, quiet: float = 2.0, timeout: float = 60.0) -> None:
+        """Until Kannel's delivery reports stopped coming for ``quiet`` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            now = time.monotonic()
+            if now > deadline or now - self.dlr.last_at >= quiet:
+                return
+            await asyncio.sleep(0.2)
+
     # ------------------------------------------------------------------------------------------ outbox
     async def database_url(self) -> str:
         if not self.args.db:
-            return f"sqlite+aiosqlite:///{self.tmp / 'outbox' / 'ivr-bridge.db'}"
+            return f"sqlite+aiosqlite:///{self.tmp / f'db-{uuid.uuid4().hex[:8]}' / 'ivr-bridge.db'}"
         if not self.args.db.startswith("postgresql"):
             return self.args.db
         # A private schema of the given database, as the tests do (search_path through asyncpg's dsn).
@@ -607,7 +757,8 @@ class Bench:
         finally:
             await admin.dispose()
         url = make_url(self.args.db).update_query_dict(
-            {"dsn": "postgresql:///?" + urllib.parse.urlencode({"search_path": self.pg_schema})})
+            {"dsn": "postgresql:///?" + urllib.parse.urlencode({"search_path": self.pg_schema,
+                                                                 "application_name": self.pg_schema})})
         return url.render_as_string(hide_password=False)
 
     async def drop_schema(self) -> None:
@@ -620,9 +771,9 @@ class Bench:
         finally:
             await admin.dispose()
 
-    async def run_outbox(self, specs: list[Spec]) -> RunResult:
-        config = self.start_receivers("outbox")
-        result = RunResult("outbox", len(specs), sum(1 for s in specs if s.message.channel == "sms"),
+    async def run_outbox(self, specs: list[Spec], name: str = "outbox") -> RunResult:
+        config = self.start_receivers(name)
+        result = RunResult(name, "outbox", len(specs), sum(1 for s in specs if s.message.channel == "sms"),
                            sum(1 for s in specs if s.message.channel == "email"),
                            workers=2 * config.outbox.concurrency)
         url = await self.database_url()
@@ -631,12 +782,14 @@ class Bench:
         await store.start()
         watcher = create_async_engine(url)   # a connection of its own to watch the states
         outbox = Outbox(store)
-        self.dlr.reset(outbox)
+        self.dlr.reset(None if self.args.ignore_reports else outbox)
         sms_gateway = KannelGateway(config.sms, self.dlr.public_url, self.secret)
         smtp_gateway = SmtpGateway(config.email)
         gateways: list[Any] = [sms_gateway, smtp_gateway]
-        if self.args.profile:
-            gateways = [TimedGateway(g, self.timings) for g in gateways]
+        if self.args.timings:
+            gateways = [TimedGateway(g, result.timings) for g in gateways]
+            watch_sql(store.engine, result.timings, result.counts)
+            self.dlr.timings = result.timings
         dispatcher = Dispatcher(store, gateways, config.outbox)
         try:
             started = time.perf_counter()
@@ -644,15 +797,23 @@ class Bench:
             for i in range(0, len(specs), chunk):
                 await outbox.enqueue([Prepared(outbox_row(s.message), None) for s in specs[i:i + chunk]])
             result.enqueue_seconds = time.perf_counter() - started
-            log(f"outbox: enqueued {len(specs)} rows in {result.enqueue_seconds:.2f} s; dispatching")
+            log(f"{name}: enqueued {len(specs)} rows in {result.enqueue_seconds:.2f} s; dispatching")
 
             async def states() -> dict[str, int]:
                 async with watcher.connect() as conn:
                     rows = await conn.execute(select(FollowUp.state, func.count()).group_by(FollowUp.state))
                     return {str(state): int(n) for state, n in rows.all()}
 
+            async def backends() -> list[int]:
+                if self.pg_schema is None:
+                    return []
+                async with watcher.connect() as conn:
+                    rows = await conn.execute(text("SELECT pid FROM pg_stat_activity WHERE application_name = "
+                                                   ":name"), {"name": self.pg_schema})
+                    return [int(pid) for (pid,) in rows.all()]
+
             sampler = RssSampler(os.getpid())
-            before = self.snapshot()
+            before = self.snapshot(await backends())
             if self.profile is not None:
                 self.profile.enable()
             sampler.start()
@@ -677,9 +838,9 @@ class Bench:
             sampler.stop()
             if self.profile is not None:
                 self.profile.disable()
-            self.fill_cpu(result, before, self.snapshot())
+            self.fill_cpu(result, before, self.snapshot(await backends()))
             result.rss = sampler.samples
-            log(f"outbox: {result.count} final in {result.seconds:.2f} s = {result.rate:.0f}/s; "
+            log(f"{name}: {result.count} final in {result.seconds:.2f} s = {result.rate:.0f}/s; "
                 "waiting for the receivers")
             await self.wait_receivers(result, specs, 2 * result.sms)
             # How long until every SMS was also reported delivered (after the run; not part of the throughput).
@@ -692,9 +853,11 @@ class Bench:
                 result.attempts_over_1 = int((await conn.execute(
                     select(func.count()).select_from(FollowUp).where(FollowUp.attempts > 1))).scalar_one())
             result.smtp_connections_opened = smtp_gateway.opened
+            result.probe = await report_probe(outbox, [s.message.followup_id for s in specs[:400:2]])
         finally:
             await dispatcher.aclose()
             self.dlr.reset(None)
+            self.dlr.timings = None
             await watcher.dispose()
             await store.aclose()
             await self.drop_schema()
@@ -702,15 +865,54 @@ class Bench:
         return result
 
 
+async def measure(name: str, items: list[Any], op: Any, concurrency: int) -> tuple[str, int, float, float]:
+    """Run ``op(item)`` for every item, ``concurrency`` at a time: (name, n, CPU ms of this process per item,
+    wall ms per item)."""
+    it = iter(items)
+
+    async def worker() -> None:
+        for item in it:
+            await op(item)
+
+    cpu0, wall0 = cpu_seconds(os.getpid()), time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    cpu, wall = cpu_seconds(os.getpid()) - cpu0, time.perf_counter() - wall0
+    n = max(1, len(items))
+    log(f"breakdown: {name}: {cpu / n * 1000:.2f} ms CPU, {wall / n * 1000:.2f} ms wall per item")
+    return name, len(items), cpu / n * 1000, wall / n * 1000
+
+
+async def report_probe(outbox: Outbox, ids: list[str]) -> dict[str, float]:
+    """Cost of one ``Outbox.delivery_report`` transaction with nothing else running: wall and CPU of this
+    process per call (an "accepted" report for SMS already delivered: the UPDATE matches no row)."""
+    if not ids:
+        return {}
+    cpu0, wall0 = cpu_seconds(os.getpid()), time.perf_counter()
+    samples = []
+    for followup_id in ids:
+        t0 = time.perf_counter()
+        await outbox.delivery_report(followup_id, "accepted", None)
+        samples.append(time.perf_counter() - t0)
+    cpu, wall = cpu_seconds(os.getpid()) - cpu0, time.perf_counter() - wall0
+    samples.sort()
+    return {"n": len(ids), "wall_ms_p50": samples[len(samples) // 2] * 1000,
+            "wall_ms_mean": wall / len(ids) * 1000, "cpu_ms_mean": cpu / len(ids) * 1000}
+
+
 class TimedGateway:
-    """--profile: a gateway wrapped to time its sends (per channel) and its ``handing()`` calls."""
+    """--timings: a gateway wrapped to time each send in three parts: up to ``handing()`` (SMTP: waiting for a
+    free connection, MAIL, RCPT, DATA, the body; Kannel: connecting), ``handing()`` itself (the outbox's
+    HANDING mark, a database write) and after it (SMTP: the final dot and its reply; Kannel: the request)."""
 
     def __init__(self, gateway: Any, timings: dict[str, list[float]]) -> None:
         self.gateway = gateway
         self.channel = gateway.channel
         self.interrupted = gateway.interrupted
         self.timings = timings
-        self.opened = 0
+
+    @property
+    def opened(self) -> int:
+        return int(getattr(self.gateway, "opened", 0))
 
     async def start(self) -> None:
         await self.gateway.start()
@@ -719,23 +921,75 @@ class TimedGateway:
         await self.gateway.aclose()
 
     async def send(self, message: Outgoing, handing: Any) -> Any:
-        spent = {"handing": 0.0}
+        marks: dict[str, float] = {}
 
-        async def timed_handing() -> None:
-            t0 = time.perf_counter()
+        async def timed_handing(*args: Any, **kwargs: Any) -> None:  # whatever Handing takes (``then``)
+            marks["handing"] = time.perf_counter()
             try:
-                await handing()
+                await handing(*args, **kwargs)
             finally:
-                spent["handing"] += time.perf_counter() - t0
+                marks["handed"] = time.perf_counter()
 
         t0 = time.perf_counter()
         try:
             return await self.gateway.send(message, timed_handing)
         finally:
-            total = time.perf_counter() - t0
-            self.timings.setdefault(f"{self.channel} send (total)", []).append(total)
-            self.timings.setdefault(f"{self.channel} handing() mark", []).append(spent["handing"])
-            self.timings.setdefault(f"{self.channel} send without handing()", []).append(total - spent["handing"])
+            t1 = time.perf_counter()
+            add = self.timings.setdefault
+            add(f"gw {self.channel}: whole send", []).append(t1 - t0)
+            if "handed" in marks:
+                add(f"gw {self.channel}: up to handing()", []).append(marks["handing"] - t0)
+                add(f"gw {self.channel}: handing() (db mark)", []).append(marks["handed"] - marks["handing"])
+                add(f"gw {self.channel}: after handing()", []).append(t1 - marks["handed"])
+
+
+CLAIM = "claim (UPDATE .. RETURNING the rows)"
+
+
+def watch_sql(engine: Any, timings: dict[str, list[float]], counts: Counter[str]) -> None:
+    """--timings: wall time of every SQL statement on ``engine`` (by kind; on SQLite this includes the hop to
+    aiosqlite's thread and back) and the number of transactions committed."""
+    from sqlalchemy import event
+
+    sync = engine.sync_engine
+
+    @event.listens_for(sync, "before_cursor_execute")
+    def _before(conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool) -> None:
+        conn.info.setdefault("bench_started", []).append(time.perf_counter())
+
+    @event.listens_for(sync, "after_cursor_execute")
+    def _after(conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool) -> None:
+        started = conn.info["bench_started"].pop()
+        flat = " ".join(statement.split())
+        if flat.startswith("WITH due AS") or (flat.startswith("UPDATE followups") and "attempts=" in flat):
+            kind = CLAIM
+        elif flat.startswith("UPDATE followups SET lease_until=") and "state IN" in flat:
+            kind = "UPDATE followups: lease renewal / recovery"
+        elif flat.startswith("UPDATE followups"):
+            kind = "UPDATE followups: marks, reports"
+        else:
+            kind = " ".join(flat.split()[:3])
+        timings.setdefault(f"sql {kind}", []).append(time.perf_counter() - started)
+
+    @event.listens_for(sync, "commit")
+    def _commit(conn: Any) -> None:
+        counts["commits"] += 1
+
+    @event.listens_for(sync, "connect")
+    def _connect(dbapi_conn: Any, record: Any) -> None:
+        counts["connections opened"] += 1
+
+    # How long each pooled connection is held (checkout -> checkin): on SQLite there is one, so the sum over the
+    # run is how busy the database connection was.
+    @event.listens_for(sync, "checkout")
+    def _checkout(dbapi_conn: Any, record: Any, proxy: Any) -> None:
+        record.info["bench_out"] = time.perf_counter()
+
+    @event.listens_for(sync, "checkin")
+    def _checkin(dbapi_conn: Any, record: Any) -> None:
+        started = record.info.pop("bench_out", None)
+        if started is not None:
+            timings.setdefault("db connection held (checkout -> checkin)", []).append(time.perf_counter() - started)
 
 
 class RssSampler:
@@ -765,6 +1019,14 @@ class RssSampler:
 
 
 # ------------------------------------------------------------------------------------------------- report
+def summary(values: list[float]) -> dict[str, float]:
+    """n, p50, p95, mean (ms) of durations in seconds."""
+    ordered = sorted(values)
+    return {"n": len(ordered), "p50_ms": ordered[len(ordered) // 2] * 1000,
+            "p95_ms": ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))] * 1000,
+            "mean_ms": sum(ordered) / len(ordered) * 1000}
+
+
 def machine() -> dict[str, str]:
     model = ""
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
@@ -782,65 +1044,117 @@ def machine() -> dict[str, str]:
             "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")}
 
 
-def evaluate(base: RunResult, out: RunResult, quick: bool) -> list[tuple[str, str, str, bool | None]]:
-    """(what, figure, target, met); ``None`` = shown, not judged."""
-    ratio = out.rate / base.rate if base.rate else 0.0
-    rows: list[tuple[str, str, str, bool | None]] = [
-        ("outbox throughput vs raw baseline", f"{out.rate:.0f}/s vs {base.rate:.0f}/s = {ratio:.2f}x",
-         f">= {TARGET_RATIO}x", None if quick else ratio >= TARGET_RATIO),
-        ("lost (outbox)", str(out.lost), "0", out.lost == 0),
-        ("duplicated (outbox)", str(out.duplicated), "0", out.duplicated == 0),
-        ("rows not final (outbox)", str(out.not_final), "0", out.not_final == 0),
-    ]
-    check = out.rss_check()
-    if check is None:
-        rows.append(("memory flat over the run", "too few samples", "", None))
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def evaluate(pairs: list[tuple[RunResult, RunResult]], quick: bool) -> list[tuple[str, str, str, bool | None]]:
+    """(what, figure, target, met); ``None`` = shown, not judged. With several pairs (--repeat) the ratio is the
+    median of the pairs' ratios; lost, duplicated and not final are summed; every outbox run must be flat."""
+    ratios = [out.rate / base.rate if base.rate else 0.0 for base, out in pairs]
+    ratio = median(ratios)
+    outs = [out for _, out in pairs]
+    if len(pairs) == 1:
+        base, out = pairs[0]
+        figure = f"{out.rate:.0f}/s vs {base.rate:.0f}/s = {ratio:.2f}x"
     else:
+        figure = (f"median {ratio:.2f}x of " + ", ".join(f"{o.rate:.0f}/{b.rate:.0f}" for b, o in pairs)
+                  + " (outbox/baseline msgs/s)")
+    lost, dup, not_final = (sum(o.lost for o in outs), sum(o.duplicated for o in outs),
+                            sum(o.not_final for o in outs))
+    rows: list[tuple[str, str, str, bool | None]] = [
+        ("outbox throughput vs raw baseline", figure, f">= {TARGET_RATIO}x", None if quick else ratio >= TARGET_RATIO),
+        ("lost (outbox)", str(lost), "0", lost == 0),
+        ("duplicated (outbox)", str(dup), "0", dup == 0),
+        ("rows not final (outbox)", str(not_final), "0", not_final == 0),
+    ]
+    for out in outs:
+        check = out.rss_check()
+        what = "memory flat over the run (RSS of the dispatcher's process)" + \
+            (f", {out.name}" if len(outs) > 1 else "")
+        if check is None:
+            rows.append((what, "too few samples", "", None))
+            continue
         ref, peak, per_1000, flat = check
         limit = max(RSS_FLAT_FRACTION * ref, RSS_FLAT_MIB * 2**20)
-        rows.append(("memory flat over the run (RSS of the dispatcher's process)",
-                     f"{mib(ref)} at 20% -> peak {mib(peak)} in the last 20% ({(peak - ref) / 2**20:+.1f} MiB; "
-                     f"trend {per_1000 / 1024:+.0f} KiB / 1000 msgs)",
+        rows.append((what, f"{mib(ref)} at 20% -> peak {mib(peak)} in the last 20% ({(peak - ref) / 2**20:+.1f} MiB; "
+                           f"trend {per_1000 / 1024:+.0f} KiB / 1000 msgs)",
                      f"growth <= {mib(limit)}", None if quick else flat))
-    rows.append(("baseline sanity: lost / duplicated", f"{base.lost} / {base.duplicated}", "0 / 0 (sanity)",
-                 base.lost == 0 and base.duplicated == 0))
+    base_lost = sum(b.lost for b, _ in pairs)
+    base_dup = sum(b.duplicated for b, _ in pairs)
+    rows.append(("baseline sanity: lost / duplicated", f"{base_lost} / {base_dup}", "0 / 0 (sanity)",
+                 base_lost == 0 and base_dup == 0))
     return rows
 
 
-def print_report(info: dict[str, Any], base: RunResult, out: RunResult,
-                 targets: list[tuple[str, str, str, bool | None]], timings: dict[str, list[float]]) -> None:
+def print_report(info: dict[str, Any], pairs: list[tuple[RunResult, RunResult]],
+                 targets: list[tuple[str, str, str, bool | None]]) -> None:
     m = info["machine"]
+    runs = [r for pair in pairs for r in pair]
     print(f"\nivr-bridge follow-ups benchmark, {m['date']}: {m['nproc']} x {m['cpu']}, kernel {m['kernel']}, "
           f"Python {m['python']}, Kannel {m['kannel']}, SQLite {m['sqlite']}" + (" [--quick]" if info["quick"] else ""))
     print(f"database: {info['db']}; dispatcher: concurrency {info['concurrency']} (in flight <= "
           f"{2 * info['concurrency']}), batch {info['batch']}, poll {info['poll_interval']} s; SMTP connections "
-          f"{info['smtp_connections']}; baseline workers {base.workers}; machine {info['background_busy']:.0%} "
+          f"{info['smtp_connections']}; baseline workers {pairs[0][0].workers}; machine {info['background_busy']:.0%} "
           "busy before the runs")
     print()
     header = ("run", "msgs", "SMS", "email", "seconds", "msgs/s", "lost", "dup", "not final", "send errors",
-              "CPU s: bench", "bearerbox", "smsbox", "mail sink", "machine busy")
+              "CPU s: bench", "(ms/msg)", "bearerbox", "smsbox", "mail sink", "postgres", "others", "irq+steal",
+              "machine busy")
     rows = []
-    for r in (base, out):
+    for r in runs:
         rows.append((r.name, str(r.count), str(r.sms), str(r.email), f"{r.seconds:.2f}", f"{r.rate:.0f}",
-                     str(r.lost), str(r.duplicated), str(r.not_final) if r.name == "outbox" else "-",
-                     str(sum(r.send_errors.values())) if r.name == "baseline" else "-",
-                     f"{r.cpu.get('bench', 0):.1f}", f"{r.cpu.get('bearerbox', 0):.1f}",
-                     f"{r.cpu.get('smsbox', 0):.1f}", f"{r.cpu.get('mail sink', 0):.1f}", f"{r.machine_busy:.0%}"))
+                     str(r.lost), str(r.duplicated), str(r.not_final) if r.kind == "outbox" else "-",
+                     str(sum(r.send_errors.values())) if r.kind == "baseline" else "-",
+                     f"{r.cpu.get('bench', 0):.1f}", f"{r.cpu.get('bench', 0) / r.count * 1000:.2f}",
+                     f"{r.cpu.get('bearerbox', 0):.1f}",
+                     f"{r.cpu.get('smsbox', 0):.1f}", f"{r.cpu.get('mail sink', 0):.1f}",
+                     f"{r.cpu['postgres']:.1f}" if "postgres" in r.cpu else "-", f"{r.cpu.get('others', 0):.1f}",
+                     f"{r.cpu.get('irq+steal', 0):.1f}",
+                     f"{r.machine_busy:.0%}"))
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
     print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
     print()
-    for r in (base, out):
+    for r in runs:
         print(f"  {r.name}: received {r.received_sms} SMS, {r.received_email} mails; delivery reports "
               f"{sum(r.dlr_reports.values())} (by Kannel type {dict(sorted(r.dlr_reports.items()))})"
-              + (f", {r.dlr_changed} changed a row" if r.name == "outbox" else ""))
+              + (f", {r.dlr_changed} changed a row" if r.kind == "outbox" else ""))
         if r.send_errors:
             print(f"    send errors: {dict(r.send_errors.most_common(5))}")
         if r.lost_examples or r.dup_examples:
             print(f"    lost e.g. {r.lost_examples}, duplicated e.g. {r.dup_examples}")
+        if r.kind == "outbox":
+            print_outbox_details(info, r)
+    print(f"    {'times, ms':<60} {'n':>6} {'p50':>8} {'p95':>8} {'mean':>8} {'sum s':>8}")
+    for r in runs:
+        for name, values in sorted(r.timings.items()):
+            if values:
+                t = summary(values)
+                label = f"{name}" + (f" [{r.name}]" if len(runs) > 2 else "")
+                print(f"    {label:<60} {t['n']:6d} {t['p50_ms']:8.2f} {t['p95_ms']:8.2f} {t['mean_ms']:8.2f} "
+                      f"{sum(values):8.2f}")
+        if r.counts:
+            print(f"    {r.name}: {dict(r.counts)}")
+    print()
+    print("target                                                   figure / target / result")
+    for what, figure, target, met in targets:
+        mark = "PASS" if met else ("-" if met is None else "FAIL")
+        print(f"  {mark:4}  {what}: {figure}  [target {target}]")
+    print()
+    outs = [out for _, out in pairs]
+    print(f"throughput ratio: {median([o.rate / b.rate if b.rate else 0.0 for b, o in pairs]):.2f}")
+    print(f"lost: {sum(o.lost for o in outs)}")
+    print(f"duplicated: {sum(o.duplicated for o in outs)}")
+    print(f"not final: {sum(o.not_final for o in outs)}")
+
+
+def print_outbox_details(info: dict[str, Any], out: RunResult) -> None:
     enqueue_rate = out.count / max(out.enqueue_seconds, 1e-9)
-    print(f"  outbox: enqueue {out.count} rows {out.enqueue_seconds:.2f} s ({enqueue_rate:.0f} rows/s, batches of "
+    print(f"    enqueue {out.count} rows {out.enqueue_seconds:.2f} s ({enqueue_rate:.0f} rows/s, batches of "
           f"{info['enqueue_batch']}); final states {dict(sorted(out.states.items()))}; "
           f"rows sent more than once {out.attempts_over_1}; max in flight {out.max_inflight}; SMTP connections "
           f"opened {out.smtp_connections_opened}"
@@ -848,33 +1162,48 @@ def print_report(info: dict[str, Any], base: RunResult, out: RunResult,
              if out.delivered_after_s is not None else ""))
     if out.rss:
         values = [v for _, v in out.rss]
-        print(f"  RSS of the bench process (runs the dispatcher), every {RSS_SAMPLE_S} s over {out.seconds:.1f} s: "
+        print(f"    RSS of the bench process (runs the dispatcher), every {RSS_SAMPLE_S} s over {out.seconds:.1f} s: "
               f"min {mib(min(values))}, max {mib(max(values))}")
-        print(f"    {sparkline([float(v) for v in values])}")
-    if timings:
-        print("  --profile: per send (ms)      n        p50      p95     mean")
-        for name, values in sorted(timings.items()):
-            ordered = sorted(values)
-            p50, p95 = ordered[len(ordered) // 2], ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))]
-            print(f"    {name:<30} {len(values):6d} {p50 * 1000:8.2f} {p95 * 1000:8.2f} "
-                  f"{sum(values) / len(values) * 1000:8.2f}")
-    print()
-    print("target                                                   figure / target / result")
-    for what, figure, target, met in targets:
-        mark = "PASS" if met else ("-" if met is None else "FAIL")
-        print(f"  {mark:4}  {what}: {figure}  [target {target}]")
-    print()
-    print(f"throughput ratio: {out.rate / base.rate if base.rate else 0:.2f}")
-    print(f"lost: {out.lost}")
-    print(f"duplicated: {out.duplicated}")
-    print(f"not final: {out.not_final}")
+        print(f"      {sparkline([float(v) for v in values])}")
+    if out.probe:
+        p = out.probe
+        print(f"    one delivery report alone ({p['n']:.0f} in a row after the run, each awaited): wall p50 "
+              f"{p['wall_ms_p50']:.2f} ms, mean {p['wall_ms_mean']:.2f} ms; CPU of this process "
+              f"{p['cpu_ms_mean']:.2f} ms")
 
 
-def profile_summary(profile: cProfile.Profile, limit: int = 30) -> str:
+PROFILE_AREAS = (  # (area, substring of the function's file) - the first match wins
+    ("SQLAlchemy", "/sqlalchemy/"), ("aiosqlite / asyncpg / greenlet", "/aiosqlite/"),
+    ("aiosqlite / asyncpg / greenlet", "/asyncpg/"), ("aiosqlite / asyncpg / greenlet", "greenlet"),
+    ("aiohttp / yarl / multidict", "/aiohttp/"), ("aiohttp / yarl / multidict", "/yarl/"),
+    ("aiohttp / yarl / multidict", "/multidict/"), ("aiosmtplib", "/aiosmtplib/"),
+    ("email package (build, flatten)", "/email/"), ("bridge/ (outbox)", "/bridge/"), ("sms/", "/sms/"),
+    ("email_out/", "/email_out/"), ("bench itself", "/bench/"), ("asyncio + selectors", "/asyncio/"),
+    ("asyncio + selectors", "selectors"), ("socket calls", "_socket"), ("queue / threads", "_queue"),
+    ("queue / threads", "threading"),
+)
+
+
+def profile_summary(profile: cProfile.Profile, limit: int = 25) -> str:
+    """Own time by area (which library the time is spent in), then the top functions by own time."""
     out = io.StringIO()
     stats = pstats.Stats(profile, stream=out)
+    areas: Counter[str] = Counter()
+    raw: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
+    total = 0.0
+    for (filename, _line, name), (_cc, _nc, tottime, _ct, _callers) in raw.items():
+        where = f"{filename}:{name}"
+        if "select.epoll" in where or "poll' of" in where:
+            area = "waiting in epoll (idle)"
+        else:
+            area = next((a for a, key in PROFILE_AREAS if key in where), "other")
+        areas[area] += tottime
+        total += tottime
+    out.write("own time by area (event-loop thread):\n")
+    for area, seconds in areas.most_common():
+        out.write(f"  {seconds:8.2f} s  {seconds / total:6.1%}  {area}\n")
+    out.write("\n")
     stats.sort_stats("tottime").print_stats(limit)
-    stats.sort_stats("cumulative").print_stats(limit)
     return out.getvalue()
 
 
@@ -886,6 +1215,9 @@ async def run(args: argparse.Namespace) -> int:
                             "smtp_connections": args.smtp_connections, "enqueue_batch": args.enqueue_batch,
                             "db": (args.db.split("@")[-1] if args.db else "SQLite file (temp folder)")}
     workers = args.baseline_workers or 2 * args.concurrency
+    pairs: list[tuple[RunResult, RunResult]] = []
+    if args.breakdown:
+        return await run_breakdown(bench, args, info)
     try:
         await asyncio.to_thread(bench.prepare)
         await bench.dlr.start()
@@ -893,13 +1225,17 @@ async def run(args: argparse.Namespace) -> int:
         await asyncio.sleep(1)
         busy1, total1 = machine_jiffies()
         info["background_busy"] = (busy1 - busy0) / max(1, total1 - total0)
-        log(f"baseline: {args.count} messages, {workers} workers")
-        base = await bench.run_baseline(make_specs("B", args.count), workers)
-        await asyncio.sleep(1)
         if args.profile:
             bench.profile = cProfile.Profile()
-        log(f"outbox: {args.count} follow-ups, dispatcher concurrency {args.concurrency}")
-        out = await bench.run_outbox(make_specs("O", args.count))
+        for k in range(1, args.repeat + 1):
+            suffix = f"-{k}" if args.repeat > 1 else ""
+            log(f"baseline{suffix}: {args.count} messages, {workers} workers")
+            base = await bench.run_baseline(make_specs("B", args.count), workers, f"baseline{suffix}")
+            await asyncio.sleep(1)
+            log(f"outbox{suffix}: {args.count} follow-ups, dispatcher concurrency {args.concurrency}")
+            out = await bench.run_outbox(make_specs("O", args.count), f"outbox{suffix}")
+            pairs.append((base, out))
+            await asyncio.sleep(1)
     except BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         await bench.dlr.aclose()
@@ -911,17 +1247,19 @@ async def run(args: argparse.Namespace) -> int:
         raise
     await bench.dlr.aclose()
     await asyncio.to_thread(bench.teardown)
-    targets = evaluate(base, out, args.quick)
-    print_report(info, base, out, targets, bench.timings)
+    targets = evaluate(pairs, args.quick)
+    print_report(info, pairs, targets)
     if bench.profile is not None:
         print("\ncProfile of the outbox run (event-loop thread only; figures above are slowed by it):")
         print(profile_summary(bench.profile))
     if args.json:
         runs = []
-        for r in (base, out):
+        for r in (r for pair in pairs for r in pair):
             d = asdict(r)
             d["rate"] = r.rate
-            d["send_errors"] = dict(r.send_errors)
+            d["send_errors"] = dict(r.send_errors)  # asdict() garbles Counters (their pairs become keys)
+            d["counts"] = dict(r.counts)
+            d["timings"] = {k: summary(v) for k, v in r.timings.items() if v}
             runs.append(d)
         document = {"info": info, "runs": runs,
                     "targets": [dict(zip(("what", "figure", "target", "met"), t, strict=True)) for t in targets]}
@@ -930,16 +1268,43 @@ async def run(args: argparse.Namespace) -> int:
     return 0 if all(t[3] is not False for t in targets) else 1
 
 
+async def run_breakdown(bench: Bench, args: argparse.Namespace, info: dict[str, Any]) -> int:
+    try:
+        await asyncio.to_thread(bench.prepare)
+        await bench.dlr.start()
+        rows = await bench.run_breakdown(args.breakdown)
+    except BenchError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 3
+    finally:
+        await bench.dlr.aclose()
+        await asyncio.to_thread(bench.teardown)
+    m = info["machine"]
+    print(f"\nivr-bridge follow-ups: cost per operation, each measured alone ({m['date']}, {m['nproc']} x "
+          f"{m['cpu']}, {info['db']}); CPU = this process, all threads; {2 * args.concurrency} concurrent sends, "
+          f"{args.smtp_connections} SMTP connections, 16 concurrent delivery reports")
+    print(f"  {'operation':<64} {'n':>6} {'CPU ms':>8} {'wall ms':>8}")
+    for name, n, cpu, wall in rows:
+        print(f"  {name:<64} {n:6d} {cpu:8.2f} {wall:8.2f}")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=0, help="follow-ups per run (default 10000; --quick: 200)")
     parser.add_argument("--quick", action="store_true",
                         help=f"{QUICK_COUNT} follow-ups; judge only lost / duplicated / not final (smoke test)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run baseline and outbox this many times, alternating; the ratio judged is the median "
+                             "of the pairs' (a shared machine's load comes and goes)")
     parser.add_argument("--concurrency", type=int, default=OutboxConfig().concurrency,
                         help="outbox.concurrency of the dispatcher (it keeps up to twice as many sends in flight)")
     parser.add_argument("--baseline-workers", type=int, default=0,
                         help="workers of the raw baseline (default: 2 x --concurrency, the dispatcher's in-flight "
                              "bound)")
+    parser.add_argument("--baseline-no-keepalive", action="store_true",
+                        help="the baseline opens one HTTP connection per sendsms request, as KannelGateway does "
+                             "(default: a plain aiohttp session, keep-alive on)")
     parser.add_argument("--batch", type=int, default=OutboxConfig().batch, help="outbox.batch (rows per claim)")
     parser.add_argument("--poll-interval", type=float, default=OutboxConfig().poll_interval,
                         help="outbox.poll_interval (s)")
@@ -952,15 +1317,25 @@ def main() -> int:
     parser.add_argument("--run-timeout", type=float, default=600.0, help="give up on the outbox run after (s)")
     parser.add_argument("--settle-timeout", type=float, default=120.0,
                         help="how long to wait for receivers and delivery reports after each run (s)")
+    parser.add_argument("--timings", action="store_true",
+                        help="time the outbox run's gateway sends (up to / in / after handing()), delivery reports "
+                             "and SQL statements (cheap, but not free)")
     parser.add_argument("--profile", action="store_true",
-                        help="cProfile the outbox run and time each gateway send (slows the outbox run)")
+                        help="also cProfile the outbox run's event loop (slows it down a lot; implies --timings)")
+    parser.add_argument("--breakdown", type=int, default=0, metavar="N",
+                        help="instead of the two runs: CPU per operation (raw and gateway sends, enqueue, claim, "
+                             "marks, delivery reports), each measured alone over N items")
+    parser.add_argument("--ignore-reports", action="store_true",
+                        help="diagnosis: the outbox run only answers Kannel's delivery reports, as the baseline "
+                             "does, instead of applying them (not what the product does)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     parser.add_argument("--keep", action="store_true", help="keep the temp folder (Kannel logs, mail, SQLite DB)")
     args = parser.parse_args()
+    args.timings = args.timings or args.profile
     if not args.count:
         args.count = QUICK_COUNT if args.quick else 10000
-    if args.count < 2 or args.concurrency < 1:
-        parser.error("--count must be >= 2 and --concurrency >= 1")
+    if args.count < 2 or args.concurrency < 1 or args.repeat < 1:
+        parser.error("--count must be >= 2, --concurrency and --repeat >= 1")
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
