@@ -92,11 +92,13 @@ from email_out.smtp import SmtpGateway  # noqa: E402
 from sms.kannel import DLR_PATH, KannelGateway, parse_dlr  # noqa: E402
 from sms.kannel_proc import BEARERBOX, FAKESMSC, INSTANCES, SMSBOX, KannelInstance, instance_config  # noqa: E402
 
+sys.path.insert(0, str(BENCH_DIR))
+from benchlib import CLK_TCK, BenchError, cpu_model, cpu_seconds, log, wait_tcp  # noqa: E402
+
 INSTANCE = "bench"
 LOCK_FILE = Path(tempfile.gettempdir()) / "ivr-bridge-bench-followups.lock"
 HELO = "bench.ivr-bridge.invalid"
 SENDER_DOMAIN = "example.com"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 S = FollowUpState
 FINAL = {S.SENT.value, S.DELIVERED.value, S.FAILED.value, S.DEAD.value, S.BLOCKED.value}
 TOKEN_RE = re.compile(r"#([BO]\d{6})\b")   # "#B000123" (baseline) / "#O000123" (outbox) in every text
@@ -107,26 +109,8 @@ RSS_FLAT_FRACTION, RSS_FLAT_MIB = 0.10, 5.0
 QUICK_COUNT = 200
 
 
-class BenchError(RuntimeError):
-    pass
-
 
 # ------------------------------------------------------------------------------------------------- helpers
-def log(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def cpu_seconds(pid: int | None) -> float:
-    """utime + stime of a process (all its threads), 0 if it is gone."""
-    if not pid:
-        return 0.0
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
 
 def rss_bytes(pid: int | str = "self") -> int:
     try:
@@ -168,16 +152,6 @@ def port_in_use(port: int) -> bool:
             return True
     return False
 
-
-def wait_tcp(port: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            sock.settimeout(0.5)
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise BenchError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s")
 
 
 def mib(n: float) -> str:
@@ -1028,12 +1002,7 @@ def summary(values: list[float]) -> dict[str, float]:
 
 
 def machine() -> dict[str, str]:
-    model = ""
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
-        for line in fh:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+    model = cpu_model()
     kannel = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", "kannel"], capture_output=True, text=True,
                             check=False).stdout.strip()
     import sqlite3

@@ -69,6 +69,7 @@ from ivr.prompts import PromptLibrary  # noqa: E402
 
 sys.path.insert(0, str(BENCH_DIR))
 import rtp_pcap  # noqa: E402
+from benchlib import BenchError, cpu_model, cpu_seconds, log, stat_cpu_seconds, wait_tcp  # noqa: E402
 
 FLOW_DIR = BENCH_DIR / "flows"
 SCENARIO_AUDIO = BENCH_DIR / "sipp" / "ivr_menu_uac_audio.xml"    # caller RTP all through the call + DTMF
@@ -82,39 +83,17 @@ MONITOR_USER = "bench-monitor"
 BUS_CHANNEL = "ivr-bridge:events"
 # Seconds of one call as the scenario runs it: 2.5 s + DTMF + 2.5 s + DTMF + goodbye (~1.3 s) + timewait.
 CALL_SECONDS = 7.0
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 TARGET_CPU_RATIO = 1.5
 TARGET_LAT_RTT_FACTOR, TARGET_LAT_EXTRA_MS = 3.0, 20.0
 
 
-class BenchError(RuntimeError):
-    pass
-
 
 # ------------------------------------------------------------------------------------------------- helpers
-def log(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def _stat_cpu_seconds(path: str) -> float:
-    """utime + stime from a /proc stat file, in seconds (0 if the process or thread is gone)."""
-    try:
-        with open(path) as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def cpu_seconds(pid: int | None) -> float:
-    """CPU seconds of a process (all its threads)."""
-    return _stat_cpu_seconds(f"/proc/{pid}/stat") if pid else 0.0
-
 
 def thread_cpu_seconds(pid: int | None, tid: int | None) -> float:
     """CPU seconds of one thread of a process."""
-    return _stat_cpu_seconds(f"/proc/{pid}/task/{tid}/stat") if pid and tid else 0.0
+    return stat_cpu_seconds(f"/proc/{pid}/task/{tid}/stat") if pid and tid else 0.0
 
 
 def machine_jiffies() -> tuple[int, int]:
@@ -152,16 +131,6 @@ def port_in_use(port: int, kind: int) -> bool:
             return True
     return False
 
-
-def wait_tcp(port: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            sock.settimeout(0.5)
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise BenchError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s")
 
 
 def stop_process(proc: subprocess.Popen[Any] | None, sig: int = signal.SIGTERM, timeout: float = 15) -> None:
@@ -809,12 +778,7 @@ async def sqlite_probe(tmp: Path, rounds: int = 200) -> dict[str, float | None]:
 
 # ------------------------------------------------------------------------------------------------- report
 def machine() -> dict[str, str]:
-    model = ""
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
-        for line in fh:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+    model = cpu_model()
     sipp = subprocess.run(["sipp", "-v"], capture_output=True, text=True, check=False).stdout.strip()
     return {"nproc": str(os.cpu_count()), "cpu": model, "kernel": platform.release(),
             "python": platform.python_version(), "sipp": sipp.split("\n")[0].strip(),
