@@ -109,9 +109,7 @@ RSS_FLAT_FRACTION, RSS_FLAT_MIB = 0.10, 5.0
 QUICK_COUNT = 200
 
 
-
 # ------------------------------------------------------------------------------------------------- helpers
-
 def rss_bytes(pid: int | str = "self") -> int:
     try:
         with open(f"/proc/{pid}/status") as fh:
@@ -418,9 +416,11 @@ class Bench:
         lock.write(f"{self.tmp}\n")
         lock.flush()
         ports = INSTANCES[INSTANCE]
-        busy = [p for p in (ports.admin, ports.smsbox, ports.sendsms, ports.smsc) if port_in_use(p)]
-        if busy:
-            raise BenchError(f"Kannel instance '{INSTANCE}' ports {busy} are in use by something else")
+        deadline = time.monotonic() + 10  # a Kannel that was just stopped may still be closing its sockets
+        while busy := [p for p in (ports.admin, ports.smsbox, ports.sendsms, ports.smsc) if port_in_use(p)]:
+            if time.monotonic() > deadline:
+                raise BenchError(f"Kannel instance '{INSTANCE}' ports {busy} are in use by something else")
+            time.sleep(0.2)
 
     def _stop_leftovers(self, old: Path) -> None:
         """Stop what a run that died (SIGKILL) left running in its temp folder ``old``."""
@@ -1308,7 +1308,26 @@ def main() -> int:
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return asyncio.run(run(args))
+    try:
+        return asyncio.run(stoppable(run(args)))
+    except asyncio.CancelledError:  # SIGTERM / SIGINT: everything was stopped and removed on the way out
+        print("bench: stopped by a signal", file=sys.stderr)
+        return 128 + signal.SIGTERM
+
+
+async def stoppable(main: Any) -> int:
+    """Run ``main``; SIGTERM and SIGINT cancel it, so that its clean-up (Kannel, the mail sink, the temp folder)
+    runs instead of leaving them behind."""
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        return int(await main)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from sqlalchemy import Table, func, select, update
+from sqlalchemy.exc import DBAPIError
 
 from bridge.models import FollowUp, FollowUpState, Interaction, Link, utcnow
 
@@ -161,17 +162,8 @@ class RowUpdates:
             groups: dict[tuple[Any, ...], list[_Update]] = {}
             for item in batch:
                 groups.setdefault((item[1], tuple(sorted(item[2].items()))), []).append(item)
-            changed: set[str] = set()
             try:
-                if self.store.sessions is None:
-                    raise RuntimeError("the store is not started")
-                async with self.store.sessions.begin() as session:
-                    for (states, _), items in groups.items():
-                        ids = list(dict.fromkeys(i[0] for i in items))
-                        result = await session.execute(
-                            update(_F).where(_F.c.id.in_(ids), _F.c.state.in_(states)).values(items[0][2])
-                            .returning(_F.c.id))
-                        changed.update(result.scalars())
+                changed = await self._commit(groups)
             except Exception as exc:
                 for item in batch:
                     if not item[3].done():
@@ -188,6 +180,31 @@ class RowUpdates:
                 if not future.done():
                     future.set_result(followup_id in changed)
                     changed.discard(followup_id)  # a second update of one row in one batch did not change it
+
+
+    async def _commit(self, groups: dict[tuple[Any, ...], list[_Update]]) -> set[str]:
+        """One transaction for the batch. Rows are locked in id order (other writers' batches, e.g. the delivery
+        reports', overlap these rows on PostgreSQL); a deadlock or a lost connection is retried."""
+        if self.store.sessions is None:
+            raise RuntimeError("the store is not started")
+        ordered = sorted(groups.items(), key=lambda kv: min(i[0] for i in kv[1]))
+        for attempt in range(4):
+            changed: set[str] = set()
+            try:
+                async with self.store.sessions.begin() as session:
+                    for (states, _), items in ordered:
+                        ids = sorted(set(i[0] for i in items))
+                        result = await session.execute(
+                            update(_F).where(_F.c.id.in_(ids), _F.c.state.in_(states)).values(items[0][2])
+                            .returning(_F.c.id))
+                        changed.update(result.scalars())
+                return changed
+            except DBAPIError as exc:
+                if attempt == 3:
+                    raise
+                log.warning("outbox: update batch failed (%s); retrying", type(exc.orig).__name__)
+                await asyncio.sleep(0.01 * (attempt + 1) * random.uniform(1, 2))
+        raise AssertionError("unreachable")
 
 
 class Outbox:
@@ -464,7 +481,10 @@ class Dispatcher:
         except Exception as exc:  # a gateway bug must not lose the row: settle it like the gateway failed
             log.exception("outbox: %s gateway raised for %s", row["channel"], row["id"])
             result = SendResult("unknown" if handed else "retry", error=f"{type(exc).__name__}: {exc}")
-        await self._settle(row, result, handed)
+        try:
+            await self._settle(row, result, handed)
+        except Exception:  # the row keeps its state; the lease brings it back (see recover)
+            log.exception("outbox: could not record the result of %s (%s)", row["id"][:8], result.status)
 
     def _backoff(self, attempts: int) -> float:
         delay = min(self.config.backoff_max, self.config.backoff_base * 2 ** max(0, attempts - 1))

@@ -43,6 +43,8 @@ def test_quick_bench_loses_and_duplicates_nothing() -> None:
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"bench --quick did not finish in 60 s; its output so far:\n{exc.stdout}\n{exc.stderr}")
     output = f"{proc.stdout}\n--- stderr ---\n{proc.stderr[-3000:]}"
+    if proc.returncode == 3 and "another followups bench is running" in proc.stderr:
+        _unavailable("another run of bench/followups.py holds the Kannel 'bench' instance")
     assert proc.returncode == 0, f"bench --quick exited {proc.returncode}:\n{output}"
     figures = dict(re.findall(r"^(lost|duplicated|not final): (\d+)$", proc.stdout, re.MULTILINE))
     assert figures == {"lost": "0", "duplicated": "0", "not final": "0"}, output
