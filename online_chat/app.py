@@ -277,27 +277,32 @@ class Site:
                            title=article.title[content], body=Markup(catalogue.body_html(article, content)),
                            nonce=secrets.token_urlsafe(18), **context)
 
-    async def article(self, request: web.Request) -> web.StreamResponse:
-        lang = self.lang(request)
+    def _article(self, request: web.Request, lang: str) -> tuple[Catalogue, Article] | web.Response:
+        """The catalogue and the article the URL names, or the page saying why not."""
         catalogue = self.s.catalogue()
         if catalogue is None:
             return self.unavailable(request, lang)
         article = catalogue.articles.get(request.match_info["article_id"])
         if article is None:
             return self.not_found(request, lang)
-        return self.article_page(request, catalogue, article, lang)
+        return catalogue, article
+
+    async def article(self, request: web.Request) -> web.StreamResponse:
+        lang = self.lang(request)
+        found = self._article(request, lang)
+        if isinstance(found, web.Response):
+            return found
+        return self.article_page(request, *found, lang)
 
     async def email_article(self, request: web.Request) -> web.StreamResponse:
         """"Email me this": checks, the per-client limit, then one follow-up per form (a resubmitted form is not
         sent twice), and a redirect to the confirmation."""
         lang = self.lang(request)
-        catalogue = self.s.catalogue()
-        if catalogue is None:
-            return self.unavailable(request, lang)
-        article_id = request.match_info["article_id"]
-        article = catalogue.articles.get(article_id)
-        if article is None:
-            return self.not_found(request, lang)
+        found = self._article(request, lang)
+        if isinstance(found, web.Response):
+            return found
+        _, article = found
+        article_id = article.id
         t = i18n.UI[lang]
         back = (f"/help/a/{article_id}?lang={lang}", t["back_to_article"])
         form = await request.post()
@@ -339,13 +344,11 @@ class Site:
 
     async def email_sent(self, request: web.Request) -> web.StreamResponse:
         lang = self.lang(request)
-        catalogue = self.s.catalogue()
-        if catalogue is None:
-            return self.unavailable(request, lang)
-        article_id = request.match_info["article_id"]
-        article = catalogue.articles.get(article_id)
-        if article is None:
-            return self.not_found(request, lang)
+        found = self._article(request, lang)
+        if isinstance(found, web.Response):
+            return found
+        catalogue, article = found
+        article_id = article.id
         t = i18n.UI[lang]
         return self.message(request, lang, t["sent_heading"],
                             t["sent_body"].format(title=article.title[catalogue.language(lang)]),

@@ -24,6 +24,7 @@ from bridge.outbox import Outgoing
 from sms.kannel import DLR_PATH, KannelGateway, parse_dlr, verify_dlr
 from sms.kannel_proc import KannelInstance, ReceivedSms
 from tests.conftest import KANNEL_SENDER as SENDER
+from tests.conftest import wait_until as conftest_wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -111,14 +112,7 @@ def message(text: str) -> Outgoing:
 
 
 async def wait_until(predicate: Callable[[], Any], what: str, timeout: float = 5.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.1f} s waiting for {what}")
-        await asyncio.sleep(0.05)
+    return await conftest_wait_until(predicate, timeout, what, interval=0.05)
 
 
 def arrived(kannel: KannelInstance, msg: Outgoing) -> list[ReceivedSms]:
