@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from sqlalchemy import Table, func, select, update
+from sqlalchemy import Table, case, func, literal, select, update
 from sqlalchemy.exc import DBAPIError
 
 from bridge.models import FollowUp, FollowUpState, Interaction, Link, utcnow
@@ -132,7 +132,7 @@ _Update = tuple[str, tuple[str, ...], dict[str, Any], "asyncio.Future[bool]", Ca
 class RowUpdates:
     """Conditional updates of follow-up rows ("set these values if the row is still in one of these states"),
     group-committed: what concurrent sends and delivery reports ask for within a few milliseconds shares one
-    transaction, and updates with the same values share one statement (``UPDATE .. WHERE id IN (..) RETURNING``).
+    transaction, and updates of the same kind share one statement (see :func:`_statements`).
     """
 
     def __init__(self, store: InteractionStore) -> None:
@@ -159,11 +159,8 @@ class RowUpdates:
         while self._queued:
             await asyncio.sleep(MARK_WINDOW)
             batch, self._queued = self._queued, []
-            groups: dict[tuple[Any, ...], list[_Update]] = {}
-            for item in batch:
-                groups.setdefault((item[1], tuple(sorted(item[2].items()))), []).append(item)
             try:
-                changed = await self._commit(groups)
+                changed = await self._commit(_statements(batch))
             except Exception as exc:
                 for item in batch:
                     if not item[3].done():
@@ -181,23 +178,16 @@ class RowUpdates:
                     future.set_result(followup_id in changed)
                     changed.discard(followup_id)  # a second update of one row in one batch did not change it
 
-
-    async def _commit(self, groups: dict[tuple[Any, ...], list[_Update]]) -> set[str]:
-        """One transaction for the batch. Rows are locked in id order (other writers' batches, e.g. the delivery
-        reports', overlap these rows on PostgreSQL); a deadlock or a lost connection is retried."""
+    async def _commit(self, statements: list[Any]) -> set[str]:
+        """One transaction for the batch; a deadlock or a lost connection is retried."""
         if self.store.sessions is None:
             raise RuntimeError("the store is not started")
-        ordered = sorted(groups.items(), key=lambda kv: min(i[0] for i in kv[1]))
         for attempt in range(4):
             changed: set[str] = set()
             try:
                 async with self.store.sessions.begin() as session:
-                    for (states, _), items in ordered:
-                        ids = sorted(set(i[0] for i in items))
-                        result = await session.execute(
-                            update(_F).where(_F.c.id.in_(ids), _F.c.state.in_(states)).values(items[0][2])
-                            .returning(_F.c.id))
-                        changed.update(result.scalars())
+                    for statement in statements:
+                        changed.update((await session.execute(statement)).scalars())
                 return changed
             except DBAPIError as exc:
                 if attempt == 3:
@@ -205,6 +195,37 @@ class RowUpdates:
                 log.warning("outbox: update batch failed (%s); retrying", type(exc.orig).__name__)
                 await asyncio.sleep(0.01 * (attempt + 1) * random.uniform(1, 2))
         raise AssertionError("unreachable")
+
+
+def _statements(batch: list[_Update]) -> list[Any]:
+    """The fewest ``UPDATE .. RETURNING id`` statements for a batch: one for all updates that expect the same
+    states and set the same columns, a value that differs between rows taken by ``CASE id``. Updates of a row
+    already in that statement go to a later one, in the order they were asked for. Statements come in the order
+    of their lowest row id: other writers' batches overlap these rows on PostgreSQL, and locks taken in one order
+    cannot deadlock."""
+    rounds: dict[tuple[Any, ...], list[dict[str, _Update]]] = {}
+    for item in batch:
+        per_round = rounds.setdefault((item[1], tuple(sorted(item[2]))), [])
+        for round_ in per_round:
+            if item[0] not in round_:
+                round_[item[0]] = item
+                break
+        else:
+            per_round.append({item[0]: item})
+    statements = []
+    for (states, keys), per_round in rounds.items():
+        for round_ in per_round:
+            ids = sorted(round_)
+            columns: dict[str, Any] = {}
+            for key in keys:
+                if len({repr(item[2][key]) for item in round_.values()}) == 1:
+                    columns[key] = round_[ids[0]][2][key]
+                else:
+                    columns[key] = case({i: literal(round_[i][2][key], _F.c[key].type) for i in ids},
+                                        value=_F.c.id)
+            statements.append((ids[0], update(_F).where(_F.c.id.in_(ids), _F.c.state.in_(states))
+                               .values(columns).returning(_F.c.id)))
+    return [statement for _, statement in sorted(statements, key=lambda s: s[0])]
 
 
 class Outbox:

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import event, select, update
 
 from bridge import db
 from bridge.config import OutboxConfig
@@ -187,7 +187,8 @@ async def test_an_sms_that_may_have_left_waits_for_its_report_and_is_resent_only
                               else SendResult("sent"))
     reported, silent = row(), row()
     await enqueue(store, [reported, silent])
-    dispatcher = Dispatcher(store, [gateway], fast(verify_timeout=0.5))
+    # verify_timeout: room for the report on a loaded machine (it must come before the row is sent again)
+    dispatcher = Dispatcher(store, [gateway], fast(verify_timeout=2.0))
     await dispatcher.start()
     try:
         await until(store, lambda s: s[reported["id"]] == S.VERIFYING and s[silent["id"]] == S.VERIFYING)
@@ -264,6 +265,39 @@ async def test_delivery_reports_are_idempotent_and_checked(store: InteractionSto
     with pytest.raises(ValueError, match="unknown delivery status"):
         await outbox.delivery_report(record["id"], "exploded")
     assert not await outbox.delivery_report(new_id(), "delivered")
+
+
+async def test_concurrent_reports_share_statements_but_keep_each_rows_own_values(
+        store: InteractionStore) -> None:
+    records = [row(state=S.SENT.value) for _ in range(30)]
+    await enqueue(store, records)
+    outbox = Outbox(store)
+    statements = 0
+
+    def count(*_: Any) -> None:
+        nonlocal statements
+        statements += 1
+
+    assert store.engine is not None
+    event.listen(store.engine.sync_engine, "before_cursor_execute", count)
+    try:
+        # every row twice in one batch (Kannel reports "accepted" and "delivered"), the "accepted" no longer
+        # applying once "delivered" is in; one row is reported twice with the same status
+        changed = await asyncio.gather(
+            *(outbox.delivery_report(r["id"], "delivered", f"ref-{i}") for i, r in enumerate(records)),
+            *(outbox.delivery_report(r["id"], "accepted", f"acc-{i}") for i, r in enumerate(records)),
+            outbox.delivery_report(records[0]["id"], "delivered", "ref-again"))
+    finally:
+        event.remove(store.engine.sync_engine, "before_cursor_execute", count)
+    assert changed == [True] * 30 + [False] * 31
+    assert statements <= 4, f"{statements} statements for 61 reports"
+    assert store.sessions is not None
+    async with store.sessions() as session:
+        stored = {f.id: f for f in (await session.execute(select(FollowUp))).scalars()}
+    for i, record in enumerate(records):
+        assert stored[record["id"]].state == S.DELIVERED
+        assert stored[record["id"]].gateway_ref == f"ref-{i}"
+        assert stored[record["id"]].delivered_at is not None
 
 
 async def test_a_channel_without_a_gateway_here_is_left_for_another_process(store: InteractionStore) -> None:
