@@ -672,7 +672,7 @@ class Bench:
         await store.start()
         try:
             outbox = Outbox(store)
-            dispatcher = Dispatcher(store, [urls, smtp_gateway], config.outbox)
+            dispatcher = Dispatcher(outbox, [urls, smtp_gateway], config.outbox)
             specs = make_specs("K", n)
             chunk = self.args.enqueue_batch
             batches = [specs[i:i + chunk] for i in range(0, n, chunk)]
@@ -764,7 +764,7 @@ class Bench:
             gateways = [TimedGateway(g, result.timings) for g in gateways]
             watch_sql(store.engine, result.timings, result.counts)
             self.dlr.timings = result.timings
-        dispatcher = Dispatcher(store, gateways, config.outbox)
+        dispatcher = Dispatcher(outbox, gateways, config.outbox)
         try:
             started = time.perf_counter()
             chunk = self.args.enqueue_batch

@@ -65,7 +65,7 @@ class App:
                                          self._policies(), cfg.web.public_url, dt.timedelta(days=cfg.links.ttl_days))
         self.outbox = Outbox(self.store, self.bus)
         if cfg.outbox.enabled:
-            self.dispatcher = Dispatcher(self.store, self._gateways(), cfg.outbox, self.bus)
+            self.dispatcher = Dispatcher(self.outbox, self._gateways(), cfg.outbox)
         self.engine = IvrEngine(cfg, self.ami, self.flows, self.store, self.prompts, self.bus, self.followups,
                                 self.wake_dispatcher)
 

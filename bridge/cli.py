@@ -217,7 +217,7 @@ async def _dispatch(config: Config) -> int:
     from bridge import db
     from bridge.app import gateways
     from bridge.events import EventBus
-    from bridge.outbox import Dispatcher
+    from bridge.outbox import Dispatcher, Outbox
     from bridge.store import InteractionStore
 
     await db.upgrade(config.database_url)
@@ -225,7 +225,7 @@ async def _dispatch(config: Config) -> int:
     bus = EventBus(config.redis.url or None, config.redis.events_channel)
     await store.start()
     await bus.start()
-    dispatcher = Dispatcher(store, gateways(config), config.outbox, bus)
+    dispatcher = Dispatcher(Outbox(store, bus), gateways(config), config.outbox)
     await dispatcher.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -21,13 +21,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import logging
 import random
+import sqlite3
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from sqlalchemy import Table, case, func, literal, select, update
+from sqlalchemy import Table, func, select, update
+from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
+from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 from sqlalchemy.exc import DBAPIError
 
 from bridge.models import FollowUp, FollowUpState, Interaction, Link, utcnow
@@ -123,16 +127,22 @@ log = logging.getLogger(__name__)
 S = FollowUpState
 _F: Table = FollowUp.__table__  # type: ignore[assignment]
 _L: Table = Link.__table__  # type: ignore[assignment]
-MARK_WINDOW = 0.002  # updates of concurrent sends and reports share one transaction
 
 
-_Update = tuple[str, tuple[str, ...], dict[str, Any], "asyncio.Future[bool]", Callable[[], None] | None]
+@dataclass(eq=False)
+class _Update:
+    followup_id: str
+    states: tuple[str, ...]
+    values: dict[str, Any]
+    future: asyncio.Future[bool]
+    then: Callable[[], None] | None
+    changed: bool = False
 
 
 class RowUpdates:
     """Conditional updates of follow-up rows ("set these values if the row is still in one of these states"),
-    group-committed: what concurrent sends and delivery reports ask for within a few milliseconds shares one
-    transaction, and updates of the same kind share one statement (see :func:`_statements`).
+    group-committed: what concurrent sends and delivery reports ask for while the previous batch commits shares
+    one transaction, and updates of the same kind share one statement (see :func:`_statements`).
     """
 
     def __init__(self, store: InteractionStore) -> None:
@@ -145,7 +155,7 @@ class RowUpdates:
         """Queue an update; the future says whether the row changed. ``then`` runs right after the commit, in the
         writer's own step of the event loop, when the row did change."""
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._queued.append((followup_id, tuple(s.value for s in states), values, future, then))
+        self._queued.append(_Update(followup_id, tuple(s.value for s in states), values, future, then))
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._write(), name="outbox-updates")
         return future
@@ -157,75 +167,138 @@ class RowUpdates:
 
     async def _write(self) -> None:
         while self._queued:
-            await asyncio.sleep(MARK_WINDOW)
-            batch, self._queued = self._queued, []
+            await asyncio.sleep(0)  # what else this step of the loop asks for joins the batch
+            batch, self._queued = self._queued[:MAX_BATCH], self._queued[MAX_BATCH:]
             try:
-                changed = await self._commit(_statements(batch))
+                await self._commit(batch)
             except Exception as exc:
                 for item in batch:
-                    if not item[3].done():
-                        item[3].set_exception(exc)
+                    if not item.future.done():
+                        item.future.set_exception(exc)
                 continue
             # Committed: the follow-ups' "then" first, before any other task can run (see the module doc).
-            for followup_id, _, _, _, then in batch:
-                if then is not None and followup_id in changed:
+            for item in batch:
+                if item.then is not None and item.changed:
                     try:
-                        then()
+                        item.then()
                     except Exception:
                         log.exception("outbox: hand-over callback failed")
-            for followup_id, _, _, future, _ in batch:
-                if not future.done():
-                    future.set_result(followup_id in changed)
-                    changed.discard(followup_id)  # a second update of one row in one batch did not change it
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_result(item.changed)
 
-    async def _commit(self, statements: list[Any]) -> set[str]:
-        """One transaction for the batch; a deadlock or a lost connection is retried."""
-        if self.store.sessions is None:
+    async def _commit(self, batch: list[_Update]) -> None:
+        """One transaction for the batch, setting each update's ``changed``; a deadlock, a busy database or a
+        lost connection is retried."""
+        if self.store.engine is None:
             raise RuntimeError("the store is not started")
+        sqlite = self.store.engine.dialect.name == "sqlite"
+        statements = _statements(batch, _SQLITE if sqlite else _POSTGRESQL)
         for attempt in range(4):
-            changed: set[str] = set()
             try:
-                async with self.store.sessions.begin() as session:
-                    for statement in statements:
-                        changed.update((await session.execute(statement)).scalars())
-                return changed
-            except DBAPIError as exc:
+                async with self.store.engine.connect() as conn:
+                    if sqlite:
+                        await _run_sqlite(conn, statements)
+                    else:
+                        async with conn.begin():
+                            for sql, params, items in statements:
+                                for (followup_id,) in await conn.exec_driver_sql(sql, tuple(params)):
+                                    items[followup_id].changed = True
+                return
+            except (DBAPIError, sqlite3.Error) as exc:
+                for item in batch:
+                    item.changed = False
                 if attempt == 3:
                     raise
-                log.warning("outbox: update batch failed (%s); retrying", type(exc.orig).__name__)
+                log.warning("outbox: update batch failed (%s); retrying", type(getattr(exc, "orig", exc)).__name__)
                 await asyncio.sleep(0.01 * (attempt + 1) * random.uniform(1, 2))
-        raise AssertionError("unreachable")
 
 
-def _statements(batch: list[_Update]) -> list[Any]:
-    """The fewest ``UPDATE .. RETURNING id`` statements for a batch: one for all updates that expect the same
-    states and set the same columns, a value that differs between rows taken by ``CASE id``. Updates of a row
-    already in that statement go to a later one, in the order they were asked for. Statements come in the order
-    of their lowest row id: other writers' batches overlap these rows on PostgreSQL, and locks taken in one order
-    cannot deadlock."""
-    rounds: dict[tuple[Any, ...], list[dict[str, _Update]]] = {}
+async def _run_sqlite(conn: Any, statements: list[tuple[str, list[Any], dict[str, _Update]]]) -> None:
+    # On the driver's own connection: through SQLAlchemy each statement costs four trips to aiosqlite's thread
+    # (cursor, execute, fetch, close) and each trip waits for a turn of a busy event loop; this is one a
+    # statement and one for the commit. The pooled connection is checked out, so nothing else uses it meanwhile.
+    driver = (await conn.get_raw_connection()).driver_connection
+    try:
+        for sql, params, items in statements:
+            for (followup_id,) in await driver.execute_fetchall(sql, params):
+                items[followup_id].changed = True
+        await driver.commit()
+    except BaseException:
+        await driver.rollback()
+        raise
+
+
+@dataclass(frozen=True)
+class _Backend:
+    """How an update statement is written for one database: parameter markers and value conversions."""
+
+    name: str
+    dialect: Any
+
+    @functools.cached_property
+    def binders(self) -> dict[str, tuple[str, Callable[[Any], Any]]]:
+        """Per column: the cast a parameter gets and the conversion its value needs."""
+        out = {}
+        for column in _F.c:
+            impl = column.type.dialect_impl(self.dialect)
+            process = impl.bind_processor(self.dialect) or (lambda value: value)
+            cast = f"::{column.type.compile(dialect=self.dialect)}" if self.name == "postgresql" else ""
+            out[column.name] = (cast, process)
+        return out
+
+
+_SQLITE = _Backend("sqlite", sqlite_dialect())
+_POSTGRESQL = _Backend("postgresql", asyncpg_dialect())
+MAX_BATCH = 500  # updates a transaction (SQLite takes at most 32,766 parameters a statement)
+
+
+def _statements(batch: list[_Update], backend: _Backend) -> list[tuple[str, list[Any], dict[str, _Update]]]:
+    """As few ``UPDATE .. RETURNING id`` statements as a batch allows, each with its parameters and its updates
+    by row id: one for all of them, unless a row is updated more than once (a later update of a row goes to a
+    later statement, in the order asked). Each row gets its own values (``CASE id``) under its own condition on
+    the state; one statement also takes its rows' locks in one order, so writers cannot deadlock on PostgreSQL.
+
+    Written here rather than by SQLAlchemy: compiling these (their shape changes with every batch) cost more
+    CPU than the database took to run them."""
+    rounds: list[dict[str, _Update]] = []
     for item in batch:
-        per_round = rounds.setdefault((item[1], tuple(sorted(item[2]))), [])
-        for round_ in per_round:
-            if item[0] not in round_:
-                round_[item[0]] = item
+        for round_ in rounds:
+            if item.followup_id not in round_:
+                round_[item.followup_id] = item
                 break
         else:
-            per_round.append({item[0]: item})
-    statements = []
-    for (states, keys), per_round in rounds.items():
-        for round_ in per_round:
-            ids = sorted(round_)
-            columns: dict[str, Any] = {}
-            for key in keys:
-                if len({repr(item[2][key]) for item in round_.values()}) == 1:
-                    columns[key] = round_[ids[0]][2][key]
-                else:
-                    columns[key] = case({i: literal(round_[i][2][key], _F.c[key].type) for i in ids},
-                                        value=_F.c.id)
-            statements.append((ids[0], update(_F).where(_F.c.id.in_(ids), _F.c.state.in_(states))
-                               .values(columns).returning(_F.c.id)))
-    return [statement for _, statement in sorted(statements, key=lambda s: s[0])]
+            rounds.append({item.followup_id: item})
+    return [(*_statement(round_, backend), round_) for round_ in rounds]
+
+
+def _statement(updates: dict[str, _Update], backend: _Backend) -> tuple[str, list[Any]]:
+    params: list[Any] = []
+    binders = backend.binders
+
+    def bind(column: str, value: Any) -> str:
+        cast, process = binders[column]
+        params.append(process(value))
+        return f"${len(params)}{cast}" if backend.name == "postgresql" else "?"
+
+    ids = sorted(updates)
+    by_states: dict[tuple[str, ...], list[str]] = {}
+    for i in ids:
+        by_states.setdefault(updates[i].states, []).append(i)
+    sets = []
+    for key in sorted({key for item in updates.values() for key in item.values}):
+        setting = [i for i in ids if key in updates[i].values]
+        if len(setting) == len(ids) and len({repr(updates[i].values[key]) for i in ids}) == 1:
+            sets.append(f"{key} = {bind(key, updates[ids[0]].values[key])}")
+        else:
+            whens = " ".join(f"WHEN {bind('id', i)} THEN {bind(key, updates[i].values[key])}" for i in setting)
+            sets.append(f"{key} = CASE id {whens} ELSE {key} END")
+    in_ids = ", ".join(bind("id", i) for i in ids)  # binds in the order of the text: "?" is positional
+    where = " OR ".join(f"(id IN ({', '.join(bind('id', i) for i in group)}) "
+                        f"AND state IN ({', '.join(bind('state', s) for s in states)}))"
+                        for states, group in by_states.items())
+    sql = f"UPDATE {_F.name} SET {', '.join(sets)} WHERE id IN ({in_ids}) AND ({where}) RETURNING id"
+    return sql, params
 
 
 class Outbox:
@@ -234,7 +307,7 @@ class Outbox:
     def __init__(self, store: InteractionStore, bus: EventBus | None = None) -> None:
         self.store = store
         self.bus = bus
-        self._updates = RowUpdates(store)
+        self.updates = RowUpdates(store)  # shared with the dispatcher: its marks and the reports, one writer
 
     def _sessions(self) -> Any:
         if self.store.sessions is None:
@@ -307,7 +380,7 @@ class Outbox:
         if gateway_ref:
             values = {**values, "gateway_ref": gateway_ref[:128]}
         # Kannel sends two reports a message: group-committed with the others arriving meanwhile.
-        changed = await self._updates.submit(followup_id, [S(s) for s in states], {**values, "lease_until": None})
+        changed = await self.updates.submit(followup_id, [S(s) for s in states], {**values, "lease_until": None})
         if changed and self.bus is not None:
             self.bus.publish("followup", id=followup_id, state=values["state"])
         return changed
@@ -332,17 +405,16 @@ class Dispatcher:
     """Sends due follow-ups through their channel's gateway: claim with a lease, send with bounded concurrency,
     settle with retries and backoff; after a crash, leases expire and the rows are resolved (see module doc)."""
 
-    def __init__(self, store: InteractionStore, gateways: Iterable[Gateway], config: OutboxConfig,
-                 bus: EventBus | None = None) -> None:
-        self.store = store
+    def __init__(self, outbox: Outbox, gateways: Iterable[Gateway], config: OutboxConfig) -> None:
+        self.store = outbox.store
+        self.bus = outbox.bus
         self.gateways = {g.channel: g for g in gateways}
         self.config = config
-        self.bus = bus
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[None]] = set()
         self._sending: set[str] = set()  # ids of the rows whose sends are in flight (their leases are renewed)
-        self._updates = RowUpdates(store)
+        self._updates = outbox.updates
         self._room = asyncio.Event()
         self.sent = 0
 

@@ -53,12 +53,14 @@ class InteractionStore:
             # connections wait on its file lock in sleeps of up to 100 ms (busy_timeout), then fail with
             # "database is locked" under load. Queuing for the one connection in asyncio is fast and fair.
             # No pre-ping (a SELECT 1 before every transaction) for a local file.
+            # pool_reset_on_return=None (both back ends): every use goes through a session, which ends its own
+            # transaction; the pool's extra ROLLBACK would cost a round trip to the driver per transaction.
             file_db = path not in ("", ":memory:") and "mode=memory" not in self.url
             options = {"pool_size": 1, "max_overflow": 0} if file_db else {}
-            self.engine = create_async_engine(self.url, **options)
+            self.engine = create_async_engine(self.url, pool_reset_on_return=None, **options)
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
         else:
-            self.engine = create_async_engine(self.url, pool_pre_ping=True)
+            self.engine = create_async_engine(self.url, pool_pre_ping=True, pool_reset_on_return=None)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
 
     async def aclose(self) -> None:

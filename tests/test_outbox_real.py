@@ -389,8 +389,8 @@ async def test_sms_wait_while_kannel_is_down_and_go_once_it_is_back(
     async with database(url) as store, dlr_web(store, redis_url) as web:
         rows = [followup("sms", i, "outbox kannel down") for i in range(50)]
         ids = {r["id"] for r in rows}
-        dispatcher = Dispatcher(store, [KannelGateway(kannel_config.sms, f"http://127.0.0.1:{web.port}", SECRET)],
-                                OutboxConfig(**outbox_settings()))
+        gateway = KannelGateway(kannel_config.sms, f"http://127.0.0.1:{web.port}", SECRET)
+        dispatcher = Dispatcher(Outbox(store), [gateway], OutboxConfig(**outbox_settings()))
         try:
             t0 = time.monotonic()
             await asyncio.to_thread(kannel.stop_part, "bearerbox")
@@ -437,7 +437,7 @@ async def test_mail_waits_while_the_smtp_server_is_down_and_goes_once_it_is_back
         rows = [followup("email", i, "outbox smtp down") for i in range(50)]
         ids = {r["id"] for r in rows}
         await enqueue(store, rows)
-        dispatcher = Dispatcher(store, [SmtpGateway(EmailConfig(**email_settings(port)))],
+        dispatcher = Dispatcher(Outbox(store), [SmtpGateway(EmailConfig(**email_settings(port)))],
                                 OutboxConfig(**outbox_settings()))
         revived = DevMailSink(mail_dir, port=port)
         await dispatcher.start()
