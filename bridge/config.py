@@ -192,6 +192,19 @@ class OutboxConfig(Section):
     verify_timeout: float = 120.0  # how long a delivery report may take before an interrupted SMS is re-sent
 
 
+class RouterConfig(Section):
+    """The unified queue (Redis): offers, capacities, the rule across channels, wrap-up."""
+
+    key_prefix: str = Field(default="ivr-bridge:{router}:", pattern=r"^[A-Za-z0-9:_{}.-]{1,64}$")
+    offer_timeout: float = Field(default=15.0, gt=0, le=300)    # unanswered: back to the head, the agent "away"
+    wrapup_seconds: float = Field(default=30.0, ge=0, le=3600)  # after-call work after a call (0: none)
+    voice_capacity: int = Field(default=1, ge=0, le=1)
+    chat_capacity: int = Field(default=4, ge=0, le=10)
+    call_blocks_chats: bool = True   # no new chat is offered during a call; chats in progress continue
+    tick_interval: float = Field(default=0.5, gt=0, le=10)      # offer and wrap-up deadlines are checked this often
+    scan_limit: int = Field(default=200, ge=1, le=10000)        # queued interactions one assignment looks at
+
+
 class ReportsConfig(Section):
     deflection_window_hours: float = 72.0
 
@@ -208,6 +221,7 @@ class Config(Section):
     sms: SmsConfig = Field(default_factory=SmsConfig)
     email: EmailConfig = Field(default_factory=EmailConfig)
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
     reports: ReportsConfig = Field(default_factory=ReportsConfig)
 
     @property

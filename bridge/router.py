@@ -1,0 +1,502 @@
+"""The unified queue: interactions of every channel (voice, web chat, WeChat) wait in one queue in Redis and are
+offered to agents by one rule, whichever ivr-bridge process asks.
+
+Every change is one Lua script, so it is atomic across processes sharing the Redis: an interaction is offered to
+one agent at a time and no agent gets more than their capacity, however many processes assign at once.
+
+The rule: the oldest eligible interaction (higher ``priority`` first) is offered to the most idle eligible agent
+(fewest interactions in hand, then longest since their last offer). An agent is eligible when they are
+``available``, have the interaction's skill and have room on its channel: ``voice`` counts against the voice
+capacity (default 1), every other channel against the chat capacity (default 4, at most 10); with
+``call_blocks_chats`` an agent on a call is offered no new chat (chats in progress continue).
+
+An offer not accepted within ``offer_timeout`` goes back to the head of the queue and the agent is set ``away``.
+After a call the agent is in ``wrapup`` for ``wrapup_seconds``, then ``available`` again. All of it lives in
+Redis (run it with AOF), so it survives a restart of ivr-bridge and of Redis.
+
+Keys share the hash tag of ``router.key_prefix`` (``{router}``), so they live in one slot of a Redis Cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import redis.asyncio as aioredis
+
+if TYPE_CHECKING:
+    from bridge.config import RouterConfig
+    from bridge.events import EventBus
+
+log = logging.getLogger(__name__)
+
+Presence = Literal["available", "away", "wrapup", "offline"]
+PRESENCES: tuple[str, ...] = ("available", "away", "wrapup", "offline")
+CHANNELS = ("voice", "web", "wechat")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")  # interaction ids, agent ids, skills
+MAX_PRIORITY = 9
+
+# ------------------------------------------------------------------------------------------------- Lua
+# Every script takes the key prefix as ARGV[1] and the time in milliseconds as ARGV[2].
+_COMMON = """
+local P = ARGV[1]
+local now = tonumber(ARGV[2])
+local function kind(channel) if channel == 'voice' then return 'voice' end return 'chat' end
+local function release(agent, channel)
+  local ak = P .. 'a:' .. agent
+  if redis.call('HINCRBY', ak, kind(channel), -1) < 0 then redis.call('HSET', ak, kind(channel), 0) end
+end
+-- back to the head of the queue; the agent who had it loses it (and is set away if asked)
+local function requeue(iid, away)
+  local ik = P .. 'i:' .. iid
+  local f = redis.call('HMGET', ik, 'state', 'agent', 'channel', 'score')
+  if f[1] ~= 'offered' and f[1] ~= 'active' then return false end
+  local score = tonumber(f[4])
+  local head = redis.call('ZRANGE', P .. 'queue', 0, 0, 'WITHSCORES')
+  if head[2] and tonumber(head[2]) <= score then score = tonumber(head[2]) - 1 end
+  redis.call('HSET', ik, 'state', 'queued', 'score', score)
+  redis.call('HDEL', ik, 'agent', 'deadline', 'offered_at', 'accepted_at')
+  redis.call('ZADD', P .. 'queue', score, iid)
+  redis.call('ZREM', P .. 'deadlines', 'o:' .. iid)
+  release(f[2], f[3])
+  if away then
+    local ak = P .. 'a:' .. f[2]
+    if redis.call('HGET', ak, 'presence') == 'available' then redis.call('HSET', ak, 'presence', 'away') end
+  end
+  return f[2]
+end
+"""
+
+# ARGV: prefix, now, iid, channel, skill, priority. 1: queued; 0: already known (nothing changes).
+_ENQUEUE = _COMMON + """
+local ik = P .. 'i:' .. ARGV[3]
+if redis.call('EXISTS', ik) == 1 then return 0 end
+local score = now - tonumber(ARGV[6]) * 1e12
+redis.call('HSET', ik, 'channel', ARGV[4], 'skill', ARGV[5], 'priority', ARGV[6], 'score', score,
+           'state', 'queued', 'queued_at', now, 'offers', 0)
+redis.call('ZADD', P .. 'queue', score, ARGV[3])
+redis.call('SADD', P .. 'live', ARGV[3])
+return 1
+"""
+
+# ARGV: prefix, now, offer timeout ms, scan limit, call blocks chats (1/0), most offers.
+# Returns iid, agent, channel, offer number, ... for each offer made.
+_ASSIGN = _COMMON + """
+local timeout = tonumber(ARGV[3])
+local blocks = ARGV[5] == '1'
+local most = tonumber(ARGV[6])
+local agents = {}
+for _, a in ipairs(redis.call('SMEMBERS', P .. 'agents')) do
+  local f = redis.call('HMGET', P .. 'a:' .. a, 'presence', 'skills', 'cap_voice', 'cap_chat', 'voice', 'chat',
+                       'idle_since')
+  if f[1] == 'available' then
+    agents[#agents + 1] = {id = a, skills = f[2] or '', cap_voice = tonumber(f[3]) or 0,
+                           cap_chat = tonumber(f[4]) or 0, voice = tonumber(f[5]) or 0, chat = tonumber(f[6]) or 0,
+                           idle = tonumber(f[7]) or 0}
+  end
+end
+local out = {}
+if #agents == 0 then return out end
+for _, iid in ipairs(redis.call('ZRANGE', P .. 'queue', 0, tonumber(ARGV[4]) - 1)) do
+  local ik = P .. 'i:' .. iid
+  local f = redis.call('HMGET', ik, 'channel', 'skill')
+  local voice = f[1] == 'voice'
+  local want = ',' .. (f[2] or '') .. ','
+  local best = nil
+  for _, a in ipairs(agents) do
+    local room
+    if voice then room = a.voice < a.cap_voice else room = a.chat < a.cap_chat and not (blocks and a.voice > 0) end
+    if room and string.find(a.skills, want, 1, true) then
+      local load, best_load = a.voice + a.chat, best and (best.voice + best.chat)
+      if best == nil or load < best_load or (load == best_load and a.idle < best.idle) then best = a end
+    end
+  end
+  if best then
+    local n = redis.call('HINCRBY', ik, 'offers', 1)
+    redis.call('HSET', ik, 'state', 'offered', 'agent', best.id, 'offered_at', now, 'deadline', now + timeout)
+    redis.call('ZREM', P .. 'queue', iid)
+    redis.call('ZADD', P .. 'deadlines', now + timeout, 'o:' .. iid)
+    if voice then best.voice = best.voice + 1 else best.chat = best.chat + 1 end
+    best.idle = now
+    redis.call('HINCRBY', P .. 'a:' .. best.id, kind(f[1]), 1)
+    redis.call('HSET', P .. 'a:' .. best.id, 'idle_since', now)
+    out[#out + 1] = iid
+    out[#out + 1] = best.id
+    out[#out + 1] = f[1]
+    out[#out + 1] = n
+    if #out >= most * 4 then break end
+  end
+end
+return out
+"""
+
+# ARGV: prefix, now, iid, agent. 1: accepted; 0: not offered to this agent (expired, taken back).
+_ACCEPT = _COMMON + """
+local ik = P .. 'i:' .. ARGV[3]
+local f = redis.call('HMGET', ik, 'state', 'agent')
+if f[1] ~= 'offered' or f[2] ~= ARGV[4] then return 0 end
+redis.call('HSET', ik, 'state', 'active', 'accepted_at', now)
+redis.call('HDEL', ik, 'deadline')
+redis.call('ZREM', P .. 'deadlines', 'o:' .. ARGV[3])
+return 1
+"""
+
+# ARGV: prefix, now, iid, agent ('' = whoever has it), away (1/0). 1: back in the queue; 0: not theirs.
+_REQUEUE = _COMMON + """
+local f = redis.call('HMGET', P .. 'i:' .. ARGV[3], 'agent')
+if ARGV[4] ~= '' and f[1] ~= ARGV[4] then return 0 end
+if requeue(ARGV[3], ARGV[5] == '1') then return 1 end
+return 0
+"""
+
+# ARGV: prefix, now, iid, wrap-up ms. Returns the state it ended from ('' if unknown) and the agent ('' if none).
+_FINISH = _COMMON + """
+local ik = P .. 'i:' .. ARGV[3]
+local f = redis.call('HMGET', ik, 'state', 'agent', 'channel')
+if not f[1] then return {'', ''} end
+redis.call('DEL', ik)
+redis.call('SREM', P .. 'live', ARGV[3])
+if f[1] == 'queued' then
+  redis.call('ZREM', P .. 'queue', ARGV[3])
+  return {'queued', ''}
+end
+redis.call('ZREM', P .. 'deadlines', 'o:' .. ARGV[3])
+release(f[2], f[3])
+local wrapup = tonumber(ARGV[4])
+local ak = P .. 'a:' .. f[2]
+if f[1] == 'active' and f[3] == 'voice' and wrapup > 0 and redis.call('HGET', ak, 'presence') == 'available' then
+  redis.call('HSET', ak, 'presence', 'wrapup', 'wrapup_until', now + wrapup)
+  redis.call('ZADD', P .. 'deadlines', now + wrapup, 'w:' .. f[2])
+end
+return {f[1], f[2]}
+"""
+
+# ARGV: prefix, now, agent, skills (",a,b,"), voice capacity, chat capacity.
+_LOGIN = _COMMON + """
+local ak = P .. 'a:' .. ARGV[3]
+redis.call('HSET', ak, 'skills', ARGV[4], 'cap_voice', ARGV[5], 'cap_chat', ARGV[6])
+if redis.call('HSETNX', ak, 'presence', 'away') == 1 or redis.call('HGET', ak, 'presence') == 'offline' then
+  redis.call('HSET', ak, 'presence', 'away', 'voice', 0, 'chat', 0, 'idle_since', now)
+end
+redis.call('SADD', P .. 'agents', ARGV[3])
+return 1
+"""
+
+# ARGV: prefix, now, agent, presence. 1: set; 0: unknown agent; -1: offline refused (interactions in hand).
+_PRESENCE = _COMMON + """
+local ak = P .. 'a:' .. ARGV[3]
+if redis.call('SISMEMBER', P .. 'agents', ARGV[3]) == 0 then return 0 end
+local presence = ARGV[4]
+if presence == 'offline' then
+  local f = redis.call('HMGET', ak, 'voice', 'chat')
+  if (tonumber(f[1]) or 0) + (tonumber(f[2]) or 0) > 0 then return -1 end
+  redis.call('SREM', P .. 'agents', ARGV[3])
+end
+redis.call('HSET', ak, 'presence', presence)
+redis.call('HDEL', ak, 'wrapup_until')
+redis.call('ZREM', P .. 'deadlines', 'w:' .. ARGV[3])
+if presence == 'available' then redis.call('HSET', ak, 'idle_since', now) end
+return 1
+"""
+
+# ARGV: prefix, now. Offers past their deadline go back (agent away); wrap-ups past theirs end.
+# Returns kind, id, agent, ... ('expired', iid, agent / 'wrapped', agent, agent).
+_TICK = _COMMON + """
+local out = {}
+for _, m in ipairs(redis.call('ZRANGEBYSCORE', P .. 'deadlines', '-inf', now, 'LIMIT', 0, 200)) do
+  redis.call('ZREM', P .. 'deadlines', m)
+  local what, id = string.sub(m, 1, 1), string.sub(m, 3)
+  if what == 'o' then
+    local agent = requeue(id, true)
+    if agent then out[#out + 1] = 'expired'; out[#out + 1] = id; out[#out + 1] = agent end
+  else
+    local ak = P .. 'a:' .. id
+    if redis.call('HGET', ak, 'presence') == 'wrapup' then
+      redis.call('HSET', ak, 'presence', 'available', 'idle_since', now)
+      redis.call('HDEL', ak, 'wrapup_until')
+      out[#out + 1] = 'wrapped'; out[#out + 1] = id; out[#out + 1] = id
+    end
+  end
+end
+return out
+"""
+
+# ARGV: prefix, now. Everything at one instant: the queue's ids in order, every interaction the router holds and
+# every agent logged in (with their fields as flat name/value lists).
+_SNAPSHOT = _COMMON + """
+local items = {}
+for _, iid in ipairs(redis.call('SMEMBERS', P .. 'live')) do
+  items[#items + 1] = {iid, redis.call('HGETALL', P .. 'i:' .. iid)}
+end
+local agents = {}
+for _, a in ipairs(redis.call('SMEMBERS', P .. 'agents')) do
+  agents[#agents + 1] = {a, redis.call('HGETALL', P .. 'a:' .. a)}
+end
+return {redis.call('ZRANGE', P .. 'queue', 0, -1), items, agents}
+"""
+
+
+# ------------------------------------------------------------------------------------------------- Python
+class RouterError(ValueError):
+    """A request the router refuses (bad id, unknown channel, skill or presence)."""
+
+
+def _name(value: str, what: str) -> str:
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value):
+        raise RouterError(f"{what} must be 1-64 letters, digits or _.@- (got {value!r:.80})")
+    return value
+
+
+@dataclass(frozen=True)
+class Offer:
+    """An interaction offered to an agent; ``number`` counts the offers made for it (1 = first)."""
+
+    interaction: str
+    agent: str
+    channel: str
+    number: int
+    deadline: float  # Unix time
+
+
+@dataclass
+class AgentState:
+    agent: str
+    presence: str
+    skills: list[str]
+    voice: int
+    chat: int
+    cap_voice: int
+    cap_chat: int
+    idle_since: float
+    wrapup_until: float | None = None
+
+
+@dataclass
+class InteractionState:
+    interaction: str
+    channel: str
+    skill: str
+    priority: int
+    state: str          # queued, offered, active
+    queued_at: float    # Unix time
+    agent: str | None = None
+    offers: int = 0
+
+
+@dataclass
+class Snapshot:
+    """The whole live state at one instant (the supervisor view; the invariant checks of the tests)."""
+
+    taken_at: float
+    queue: list[str] = field(default_factory=list)   # ids of the waiting interactions, head first
+    interactions: dict[str, InteractionState] = field(default_factory=dict)
+    agents: dict[str, AgentState] = field(default_factory=dict)
+
+    def per_skill(self) -> dict[str, dict[str, float]]:
+        """Per skill: interactions waiting and the longest wait in seconds."""
+        out: dict[str, dict[str, float]] = {}
+        for iid in self.queue:
+            item = self.interactions[iid]
+            entry = out.setdefault(item.skill, {"waiting": 0, "longest_wait": 0.0})
+            entry["waiting"] += 1
+            entry["longest_wait"] = max(entry["longest_wait"], self.taken_at - item.queued_at)
+        return out
+
+
+Listener = Callable[[str, dict[str, Any]], None]
+
+
+class Router:
+    """Queue, offers, presence and capacities in Redis; ``start()`` runs the loop that makes offers and expires
+    them (every process may run one: the scripts keep them from getting in each other's way)."""
+
+    def __init__(self, redis_url: str, config: RouterConfig, bus: EventBus | None = None,
+                 redis: aioredis.Redis | None = None) -> None:
+        self.config = config
+        self.bus = bus
+        self._redis = redis or aioredis.Redis.from_url(redis_url, decode_responses=True)
+        self._own_redis = redis is None
+        self._prefix = config.key_prefix
+        self._scripts = {name: self._redis.register_script(body) for name, body in (
+            ("enqueue", _ENQUEUE), ("assign", _ASSIGN), ("accept", _ACCEPT), ("requeue", _REQUEUE),
+            ("finish", _FINISH), ("login", _LOGIN), ("presence", _PRESENCE), ("tick", _TICK),
+            ("snapshot", _SNAPSHOT))}
+        self._listeners: list[Listener] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    # ---------------------------------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        await self._redis.ping()
+        self._task = asyncio.create_task(self._run(), name="router")
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._own_redis:
+            await self._redis.aclose()
+
+    def add_listener(self, listener: Listener) -> None:
+        """``listener(kind, fields)`` for every router event in this process (offers, expiries, wrap-ups)."""
+        self._listeners.append(listener)
+
+    def wake(self) -> None:
+        """Something changed (an interaction queued, an agent free): assign now, not at the next tick."""
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.tick()
+                while await self.assign():
+                    pass
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # Redis away: try again at the next tick
+                log.exception("router: cannot reach Redis; retrying")
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.config.tick_interval)
+
+    def _emit(self, kind: str, **fields: Any) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(kind, fields)
+            except Exception:
+                log.exception("router: listener failed on %s", kind)
+        if self.bus is not None:
+            self.bus.publish(kind, **fields)
+
+    async def _call(self, name: str, *args: Any) -> Any:
+        return await self._scripts[name](args=[self._prefix, int(time.time() * 1000), *args])
+
+    # ---------------------------------------------------------------------------------------- interactions
+    async def enqueue(self, interaction: str, channel: str, skill: str, priority: int = 0) -> bool:
+        """Put an interaction in the queue; False if the router already has it (a repeated request)."""
+        _name(interaction, "interaction id")
+        _name(skill, "skill")
+        if channel not in CHANNELS:
+            raise RouterError(f"unknown channel {channel!r}; one of {', '.join(CHANNELS)}")
+        if not isinstance(priority, int) or not 0 <= priority <= MAX_PRIORITY:
+            raise RouterError(f"priority must be 0-{MAX_PRIORITY}")
+        queued = bool(await self._call("enqueue", interaction, channel, skill, priority))
+        if queued:
+            log.info("queue: %s (%s, skill %s, priority %d) queued", interaction, channel, skill, priority)
+            self._emit("queue-joined", interaction=interaction, channel=channel, skill=skill)
+            self.wake()
+        return queued
+
+    async def assign(self, most: int = 32) -> list[Offer]:
+        """Make the offers the rule allows now (at most ``most``); every process may call it at any time."""
+        cfg = self.config
+        flat = await self._call("assign", int(cfg.offer_timeout * 1000), cfg.scan_limit,
+                                1 if cfg.call_blocks_chats else 0, most)
+        deadline = time.time() + cfg.offer_timeout
+        offers = [Offer(flat[i], flat[i + 1], flat[i + 2], int(flat[i + 3]), deadline)
+                  for i in range(0, len(flat), 4)]
+        for offer in offers:
+            log.info("queue: %s offered to %s (offer %d)", offer.interaction, offer.agent, offer.number)
+            self._emit("queue-offer", interaction=offer.interaction, agent=offer.agent, channel=offer.channel,
+                       number=offer.number, deadline=offer.deadline)
+        return offers
+
+    async def accept(self, interaction: str, agent: str) -> bool:
+        """The agent takes the offer; False if it is no longer theirs (expired, taken back)."""
+        accepted = bool(await self._call("accept", _name(interaction, "interaction id"), _name(agent, "agent id")))
+        if accepted:
+            self._emit("queue-accepted", interaction=interaction, agent=agent)
+        return accepted
+
+    async def requeue(self, interaction: str, agent: str | None = None, *, away: bool = False,
+                      reason: str = "declined") -> bool:
+        """Back to the head of the queue (declined, the agent's phone did not answer); ``away`` sets the agent
+        away. With ``agent``, only if that agent has it."""
+        _name(interaction, "interaction id")
+        done = bool(await self._call("requeue", interaction, _name(agent, "agent id") if agent else "",
+                                     1 if away else 0))
+        if done:
+            log.info("queue: %s back at the head (%s)", interaction, reason)
+            self._emit("queue-requeued", interaction=interaction, agent=agent, reason=reason)
+            self.wake()
+        return done
+
+    async def finish(self, interaction: str) -> tuple[str, str | None]:
+        """The interaction ended (hang-up, chat closed); returns the state it ended from (``queued`` means
+        abandoned while waiting, "" unknown) and the agent who had it. After an active call the agent wraps up."""
+        state, agent = await self._call("finish", _name(interaction, "interaction id"),
+                                        int(self.config.wrapup_seconds * 1000))
+        if state:
+            self._emit("queue-left", interaction=interaction, state=state, agent=agent or None)
+            self.wake()
+        return state, agent or None
+
+    # ---------------------------------------------------------------------------------------- agents
+    async def login(self, agent: str, skills: Iterable[str], *, voice: int | None = None,
+                    chat: int | None = None) -> None:
+        """Register an agent (``away`` until they say otherwise) with skills and capacities (the configured
+        defaults when not given; chat at most 10)."""
+        skills = [_name(s, "skill") for s in skills]
+        cap_voice = self.config.voice_capacity if voice is None else voice
+        cap_chat = self.config.chat_capacity if chat is None else chat
+        if not 0 <= cap_voice <= 1 or not 0 <= cap_chat <= 10:
+            raise RouterError("capacities: voice 0-1, chat 0-10")
+        await self._call("login", _name(agent, "agent id"), "," + ",".join(skills) + ",", cap_voice, cap_chat)
+
+    async def set_presence(self, agent: str, presence: str) -> bool:
+        """``available``, ``away`` or ``offline`` (refused while the agent has interactions in hand)."""
+        if presence not in ("available", "away", "offline"):
+            raise RouterError(f"presence must be available, away or offline (got {presence!r:.40})")
+        result = int(await self._call("presence", _name(agent, "agent id"), presence))
+        if result == -1:
+            raise RouterError(f"agent {agent} still has interactions in hand")
+        if result == 1:
+            self._emit("agent-presence", agent=agent, presence=presence)
+            if presence == "available":
+                self.wake()
+        return result == 1
+
+    async def tick(self) -> None:
+        """Expire offers and wrap-ups that are due (the loop does this every ``tick_interval``)."""
+        flat = await self._call("tick")
+        for i in range(0, len(flat), 3):
+            kind, what, agent = flat[i:i + 3]
+            if kind == "expired":
+                log.info("queue: offer of %s to %s not accepted in time; back at the head, %s away",
+                         what, agent, agent)
+                self._emit("queue-requeued", interaction=what, agent=agent, reason="offer timed out")
+                self._emit("agent-presence", agent=agent, presence="away")
+            else:
+                self._emit("agent-presence", agent=agent, presence="available")
+            self.wake()
+
+    async def snapshot(self) -> Snapshot:
+        """Queue and agents read at one instant."""
+        queue, items, agents = await self._call("snapshot")
+        snap = Snapshot(time.time(), list(queue))
+        for iid, pairs in items:
+            f = dict(zip(pairs[::2], pairs[1::2], strict=True))
+            snap.interactions[iid] = InteractionState(
+                iid, f.get("channel", ""), f.get("skill", ""), int(f.get("priority", 0)), f.get("state", ""),
+                float(f.get("queued_at", 0)) / 1000, f.get("agent"), int(f.get("offers", 0)))
+        for agent, pairs in agents:
+            f = dict(zip(pairs[::2], pairs[1::2], strict=True))
+            snap.agents[agent] = AgentState(
+                agent, f.get("presence", "offline"), [s for s in f.get("skills", "").split(",") if s],
+                int(f.get("voice", 0)), int(f.get("chat", 0)), int(f.get("cap_voice", 0)),
+                int(f.get("cap_chat", 0)), float(f.get("idle_since", 0)) / 1000,
+                float(f["wrapup_until"]) / 1000 if f.get("wrapup_until") else None)
+        return snap
+
+    async def interaction(self, interaction: str) -> dict[str, str]:
+        """The router's record of one interaction (empty when it has none)."""
+        key = self._prefix + "i:" + _name(interaction, "interaction id")
+        return {str(k): str(v) for k, v in (await self._redis.hgetall(key)).items()}

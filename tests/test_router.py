@@ -1,0 +1,285 @@
+"""The unified queue against a real Redis: the offer rule, capacities per channel, the rule across channels,
+offer timeouts, wrap-up, abandonment, bad input, a Redis restart with AOF, and two processes assigning at once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from bridge.config import PROJECT_DIR, RouterConfig
+from bridge.router import Router, RouterError, Snapshot
+from tests.conftest import _free_port, _redis_ping
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+
+def config(**overrides: Any) -> RouterConfig:
+    return RouterConfig(key_prefix=f"t:{{router-{uuid.uuid4().hex[:12]}}}:", **overrides)
+
+
+@pytest.fixture
+async def router(redis_url: str) -> AsyncIterator[Router]:
+    router = Router(redis_url, config(offer_timeout=0.4, wrapup_seconds=0.3))
+    yield router
+    await router.aclose()
+
+
+async def agent(router: Router, name: str, skills: list[str], **caps: int) -> None:
+    await router.login(name, skills, **caps)
+    assert await router.set_presence(name, "available")
+
+
+def offered(offers: list[Any]) -> list[tuple[str, str]]:
+    return [(o.interaction, o.agent) for o in offers]
+
+
+async def test_the_oldest_interaction_goes_to_the_most_idle_agent_with_its_skill(router: Router) -> None:
+    await agent(router, "ann", ["billing"])
+    await agent(router, "bob", ["billing", "tech"])
+    await router.enqueue("c1", "web", "tech")
+    await router.enqueue("c2", "web", "billing")
+    # c1 is the oldest and only bob has its skill; then ann holds nothing, bob one
+    assert offered(await router.assign()) == [("c1", "bob"), ("c2", "ann")]
+    await asyncio.sleep(0.01)
+    await router.enqueue("c3", "web", "billing")
+    await asyncio.sleep(0.01)
+    await router.enqueue("c4", "web", "billing")
+    await router.finish("c2")
+    # ann holds nothing now: c3 is hers; then both hold one and bob has waited longer since his last offer
+    assert offered(await router.assign()) == [("c3", "ann"), ("c4", "bob")]
+
+
+async def test_higher_priority_goes_before_an_older_interaction(router: Router) -> None:
+    await router.enqueue("old", "web", "sales")
+    await router.enqueue("vip", "web", "sales", priority=5)
+    await agent(router, "ann", ["sales"], chat=1)
+    assert offered(await router.assign()) == [("vip", "ann")]
+
+
+async def test_an_agent_gets_one_call_and_four_chats_at_most_and_a_fifth_chat_waits(router: Router) -> None:
+    await agent(router, "ann", ["help"])
+    for i in range(5):
+        await router.enqueue(f"chat{i}", "web", "help")
+    assert len(await router.assign()) == 4
+    snap = await router.snapshot()
+    assert snap.queue == ["chat4"] and snap.agents["ann"].chat == 4
+    await router.finish("chat0")
+    assert offered(await router.assign()) == [("chat4", "ann")]
+
+
+async def test_a_call_blocks_new_chats_while_chats_in_progress_continue(redis_url: str) -> None:
+    for blocks in (True, False):
+        router = Router(redis_url, config(call_blocks_chats=blocks))
+        try:
+            await agent(router, "ann", ["help"])
+            await router.enqueue("chat1", "web", "help")
+            await router.assign()
+            await router.enqueue("call", "voice", "help")
+            assert offered(await router.assign()) == [("call", "ann")], "a call is offered beside a chat"
+            await router.enqueue("chat2", "wechat", "help")
+            assert offered(await router.assign()) == ([] if blocks else [("chat2", "ann")])
+            await router.finish("call")  # no wrap-up: never accepted
+            if blocks:
+                assert offered(await router.assign()) == [("chat2", "ann")]
+        finally:
+            await router.aclose()
+
+
+async def test_an_offer_not_accepted_in_time_returns_to_the_head_and_the_agent_goes_away(router: Router) -> None:
+    await agent(router, "ann", ["help"], chat=1)
+    await agent(router, "bob", ["help"], chat=1)
+    await router.enqueue("first", "web", "help")
+    [offer] = await router.assign(most=1)
+    await router.enqueue("second", "web", "help")
+    await asyncio.sleep(0.5)
+    await router.tick()
+    snap = await router.snapshot()
+    assert snap.queue == ["first", "second"], "back at the head, before the newer one"
+    assert snap.agents[offer.agent].presence == "away" and snap.agents[offer.agent].chat == 0
+    assert not await router.accept("first", offer.agent), "a late accept is refused"
+    [again] = await router.assign()  # the other agent; the one away gets nothing
+    assert again.interaction == "first" and again.agent != offer.agent and again.number == 2
+
+
+async def test_an_accepted_call_ends_in_wrapup_then_the_agent_is_available_again(router: Router) -> None:
+    await agent(router, "ann", ["help"])
+    await router.enqueue("call", "voice", "help")
+    assert offered(await router.assign()) == [("call", "ann")]
+    assert await router.accept("call", "ann")
+    assert not await router.accept("call", "ann"), "accepting twice changes nothing"
+    assert await router.finish("call") == ("active", "ann")
+    snap = await router.snapshot()
+    assert snap.agents["ann"].presence == "wrapup" and snap.agents["ann"].voice == 0
+    await router.enqueue("next", "voice", "help")
+    assert await router.assign() == [], "no offer during wrap-up"
+    await asyncio.sleep(0.35)
+    await router.tick()
+    assert offered(await router.assign()) == [("next", "ann")]
+
+
+async def test_a_caller_who_hangs_up_while_waiting_is_abandoned_and_forgotten(router: Router) -> None:
+    await router.enqueue("call", "voice", "help")
+    assert await router.finish("call") == ("queued", None)
+    assert await router.finish("call") == ("", None), "a second hang-up event changes nothing"
+    snap = await router.snapshot()
+    assert snap.queue == [] and snap.interactions == {}
+
+
+async def test_a_declined_offer_goes_back_and_a_requeue_by_another_agent_is_refused(router: Router) -> None:
+    await agent(router, "ann", ["help"])
+    await router.enqueue("chat", "web", "help")
+    await router.assign()
+    assert not await router.requeue("chat", "bob")
+    assert await router.requeue("chat", "ann", reason="agent phone did not answer")
+    assert (await router.snapshot()).queue == ["chat"]
+
+
+async def test_enqueueing_twice_queues_once(router: Router) -> None:
+    assert await router.enqueue("chat", "web", "help")
+    assert not await router.enqueue("chat", "web", "help")
+    assert (await router.snapshot()).queue == ["chat"]
+
+
+async def test_an_agent_cannot_go_offline_with_interactions_in_hand(router: Router) -> None:
+    await agent(router, "ann", ["help"])
+    await router.enqueue("chat", "web", "help")
+    await router.assign()
+    with pytest.raises(RouterError, match="in hand"):
+        await router.set_presence("ann", "offline")
+    await router.finish("chat")
+    assert await router.set_presence("ann", "offline")
+    assert "ann" not in (await router.snapshot()).agents
+
+
+@pytest.mark.parametrize(("call", "message"), [
+    (lambda r: r.enqueue("bad id\r\n", "web", "help"), "interaction id"),
+    (lambda r: r.enqueue("x", "fax", "help"), "unknown channel"),
+    (lambda r: r.enqueue("x", "web", "he lp"), "skill"),
+    (lambda r: r.enqueue("x", "web", "help", priority=10), "priority"),
+    (lambda r: r.set_presence("ann", "busy"), "presence"),
+    (lambda r: r.login("ann", ["help"], chat=11), "capacities"),
+    (lambda r: r.accept("x" * 65, "ann"), "interaction id"),
+])
+async def test_bad_requests_are_refused_with_a_reason_and_change_nothing(
+        router: Router, call: Any, message: str) -> None:
+    with pytest.raises(RouterError, match=message):
+        await call(router)
+    snap = await router.snapshot()
+    assert snap.queue == [] and snap.interactions == {} and snap.agents == {}
+
+
+async def test_the_live_state_survives_a_restart_of_redis_with_aof(tmp_path: Path) -> None:
+    binary = shutil.which("redis-server")
+    assert binary is not None
+    port = _free_port()
+    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path), "--save", "",
+               "--appendonly", "yes", "--appendfsync", "always", "--daemonize", "no"]
+    cfg = config()
+    url = f"redis://127.0.0.1:{port}/0"
+    for restart in (False, True):
+        proc = await asyncio.create_subprocess_exec(*command, stdout=subprocess.DEVNULL,
+                                                    stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 10
+            while not _redis_ping(port):
+                assert time.monotonic() < deadline and proc.returncode is None, "redis-server did not start"
+                await asyncio.sleep(0.05)
+            router = Router(url, cfg)
+            if not restart:
+                await agent(router, "ann", ["help"])
+                await router.enqueue("chat1", "web", "help")
+                await router.enqueue("chat2", "web", "help")
+                await router.assign(most=1)
+                before = await router.snapshot()
+            else:
+                after = await router.snapshot()
+                assert after.queue == before.queue == ["chat2"]
+                assert after.interactions["chat1"].agent == "ann" and after.agents["ann"].chat == 1
+            await router.aclose()
+        finally:
+            proc.kill()  # SIGKILL: only what the append-only file holds comes back
+            await proc.wait()
+
+
+def check_invariants(snap: Snapshot) -> None:
+    held: Counter[tuple[str, str]] = Counter()
+    for item in snap.interactions.values():
+        if item.state == "queued":
+            assert item.interaction in snap.queue and item.agent is None
+        else:
+            assert item.state in ("offered", "active") and item.agent, item
+            assert item.interaction not in snap.queue
+            held[(item.agent, "voice" if item.channel == "voice" else "chat")] += 1
+    assert len(snap.queue) == len(set(snap.queue)) and set(snap.queue) <= set(snap.interactions)
+    for name, state in snap.agents.items():
+        assert state.voice == held[(name, "voice")], f"{name}: voice count {state.voice} != {held}"
+        assert state.chat == held[(name, "chat")], f"{name}: chat count {state.chat} != {held}"
+        assert state.voice <= state.cap_voice and state.chat <= state.cap_chat, state
+
+
+async def test_two_processes_assigning_at_once_never_offer_twice_or_exceed_a_capacity(
+        redis_url: str, tmp_path: Path) -> None:
+    cfg = config(offer_timeout=0.3, wrapup_seconds=0.05)
+    router = Router(redis_url, cfg)
+    try:
+        for i in range(12):
+            await agent(router, f"a{i}", [["billing", "tech", "sales"][i % 3], "sales"], chat=1 + i % 4)
+        env = {**os.environ, "PYTHONPATH": str(PROJECT_DIR)}
+        workers = [await asyncio.create_subprocess_exec(
+            sys.executable, str(PROJECT_DIR / "tests" / "router_stress_worker.py"), redis_url, cfg.key_prefix,
+            f"p{n}", str(n + 1), "8", str(tmp_path / f"p{n}.json"), env=env) for n in range(2)]
+        checks = 0
+        while any(w.returncode is None for w in workers):
+            check_invariants(await router.snapshot())
+            checks += 1
+            await asyncio.sleep(0.05)
+        assert [await w.wait() for w in workers] == [0, 0]
+        check_invariants(await router.snapshot())
+        offers = [tuple(o) for n in range(2) for o in json.loads((tmp_path / f"p{n}.json").read_text())]
+        by_offer = Counter((iid, number) for iid, number, _, _ in offers)
+        assert len(offers) > 300 and checks > 20, (len(offers), checks)
+        assert any(number > 1 for _, number in by_offer), "offers were also taken back and made again"
+        assert max(by_offer.values()) == 1, "an interaction was offered twice under one offer number"
+        assert {o[0][:2] for o in offers} == {"p0", "p1"} and len({o[2] for o in offers}) == 12
+    finally:
+        await router.aclose()
+
+
+async def test_the_running_router_offers_new_interactions_at_once_and_expires_offers_on_its_own(
+        redis_url: str) -> None:
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    router = Router(redis_url, config(offer_timeout=0.3, tick_interval=0.05), redis=client)
+    events: list[tuple[str, dict[str, Any]]] = []
+    router.add_listener(lambda kind, fields: events.append((kind, fields)))
+    await router.start()
+    try:
+        await agent(router, "ann", ["help"])
+        t0 = time.monotonic()
+        await router.enqueue("chat", "web", "help")
+        deadline = time.monotonic() + 5
+        while not any(k == "queue-offer" for k, _ in events):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.005)
+        assert time.monotonic() - t0 < 0.05, "offered when queued, not at the next tick"
+        while not any(k == "queue-requeued" for k, _ in events):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        kinds = [k for k, _ in events]
+        assert kinds[:4] == ["agent-presence", "queue-joined", "queue-offer", "queue-requeued"]
+        assert ("agent-presence", {"agent": "ann", "presence": "away"}) in events
+    finally:
+        await router.aclose()
+        await client.aclose()
