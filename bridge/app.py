@@ -19,6 +19,7 @@ from bridge.followups import FollowUpService
 from bridge.links import LinkSigner
 from bridge.outbox import Dispatcher, Gateway, Outbox, RecipientPolicy
 from bridge.ratelimit import RateLimiter
+from bridge.router import Router
 from bridge.store import InteractionStore
 from ivr.ami import AmiClient, AmiSettings
 from ivr.engine import FlowRegistry, IvrEngine
@@ -58,6 +59,7 @@ class App:
                                          keepalive_interval=ast.heartbeat_interval,
                                          reconnect_max_delay=ast.reconnect_max_delay))
         self.limiter = RateLimiter(cfg.redis.url)
+        self.router = Router(cfg.redis.url, cfg.router, self.bus)
         if len(cfg.links.secret) < 16:
             raise RuntimeError("no link secret configured (run `ivr-bridge setup-secrets` or set "
                                "IVR_BRIDGE__LINKS__SECRET)")
@@ -130,6 +132,7 @@ class App:
         await self._start(self.store.start, self.store.aclose)
         await self._start(self.bus.start, self.bus.aclose)
         await self._start(self.limiter.start, self.limiter.aclose)
+        await self._start(self.router.start, self.router.aclose)
         await asyncio.to_thread(self.prompts.build, self.flows.flows.values(), False)
         self._closers.append(self._close_prompts)
         await self._start(self.engine.start, self.engine.aclose)

@@ -259,6 +259,36 @@ def cmd_report(args: argparse.Namespace) -> int:
     return int(asyncio.run(_with_store(config, report)))
 
 
+def cmd_queue(args: argparse.Namespace) -> int:
+    """The live queue per skill and the agents' states and loads (what a supervisor sees)."""
+    import time
+
+    from bridge.router import Router
+
+    config = _config(args)
+
+    async def show() -> int:
+        router = Router(config.redis.url, config.router)
+        try:
+            snap = await router.snapshot()
+        finally:
+            await router.aclose()
+        skills = snap.per_skill()
+        print(f"{'skill':<16} {'waiting':>7} {'longest wait':>13}")
+        for skill, entry in sorted(skills.items()) or [("-", {"waiting": 0, "longest_wait": 0.0})]:
+            print(f"{skill:<16} {int(entry['waiting']):>7} {entry['longest_wait']:>12.0f}s")
+        print(f"\n{'agent':<16} {'presence':<12} {'voice':>5} {'chats':>5}  skills")
+        for name, agent in sorted(snap.agents.items()):
+            presence = agent.presence
+            if agent.wrapup_until:
+                presence += f" {max(0, agent.wrapup_until - time.time()):.0f}s"
+            print(f"{name:<16} {presence:<12} {agent.voice:>2}/{agent.cap_voice:<2} {agent.chat:>2}/{agent.cap_chat:<2}"
+                  f"  {', '.join(agent.skills)}")
+        return 0
+
+    return int(asyncio.run(show()))
+
+
 def cmd_dev_mail(args: argparse.Namespace) -> int:
     from email_out.devsink import main as sink_main
 
@@ -355,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--days", type=int, default=14, help="calls of the last N days")
     report.add_argument("--window-hours", type=float, help="no new call this long after the link was opened")
     report.set_defaults(func=cmd_report)
+
+    sub.add_parser("queue", parents=[common], help="the live queue per skill and the agents (supervisor view)") \
+        .set_defaults(func=cmd_queue)
 
     sub.add_parser("dev-mail", parents=[common], help="run the dev mail sink (SMTP on email.host:email.port)") \
         .set_defaults(func=cmd_dev_mail)

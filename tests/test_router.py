@@ -283,3 +283,28 @@ async def test_the_running_router_offers_new_interactions_at_once_and_expires_of
     finally:
         await router.aclose()
         await client.aclose()
+
+
+def test_the_queue_command_shows_waiting_per_skill_and_each_agents_state_and_load(
+        redis_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from bridge.cli import main
+
+    cfg = config()
+
+    async def seed() -> None:
+        router = Router(redis_url, cfg)
+        try:
+            await agent(router, "ann", ["billing", "tech"])
+            await router.login("bob", ["billing"])
+            for iid, channel, skill in (("c1", "voice", "billing"), ("c2", "web", "tech"), ("c3", "web", "sales")):
+                await router.enqueue(iid, channel, skill)
+            await router.assign()
+        finally:
+            await router.aclose()
+
+    asyncio.run(seed())
+    assert main(["queue", "--set", f"redis.url={redis_url}", "--set", f"router.key_prefix='{cfg.key_prefix}'"]) == 0
+    lines = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert lines[1][:2] == ["sales", "1"] and lines[2][:2] == ["tech", "1"], "a call blocks ann's new chats"
+    assert lines[4] == ["ann", "available", "1/1", "0/4", "billing,", "tech"]
+    assert lines[5] == ["bob", "away", "0/1", "0/4", "billing"]
