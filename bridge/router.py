@@ -48,9 +48,21 @@ _COMMON = """
 local P = ARGV[1]
 local now = tonumber(ARGV[2])
 local function kind(channel) if channel == 'voice' then return 'voice' end return 'chat' end
+-- the "ready" set holds the agents an offer may go to now (available, room on a channel): assignments read
+-- only them, not every agent logged in
+local function refresh(agent)
+  local f = redis.call('HMGET', P .. 'a:' .. agent, 'presence', 'voice', 'chat', 'cap_voice', 'cap_chat')
+  if f[1] == 'available' and ((tonumber(f[2]) or 0) < (tonumber(f[4]) or 0)
+                              or (tonumber(f[3]) or 0) < (tonumber(f[5]) or 0)) then
+    redis.call('SADD', P .. 'ready', agent)
+  else
+    redis.call('SREM', P .. 'ready', agent)
+  end
+end
 local function release(agent, channel)
   local ak = P .. 'a:' .. agent
   if redis.call('HINCRBY', ak, kind(channel), -1) < 0 then redis.call('HSET', ak, kind(channel), 0) end
+  refresh(agent)
 end
 -- back to the head of the queue; the agent who had it loses it (and is set away if asked)
 local function requeue(iid, away)
@@ -64,11 +76,9 @@ local function requeue(iid, away)
   redis.call('HDEL', ik, 'agent', 'deadline', 'offered_at', 'accepted_at')
   redis.call('ZADD', P .. 'queue', score, iid)
   redis.call('ZREM', P .. 'deadlines', 'o:' .. iid)
+  local ak = P .. 'a:' .. f[2]
+  if away and redis.call('HGET', ak, 'presence') == 'available' then redis.call('HSET', ak, 'presence', 'away') end
   release(f[2], f[3])
-  if away then
-    local ak = P .. 'a:' .. f[2]
-    if redis.call('HGET', ak, 'presence') == 'available' then redis.call('HSET', ak, 'presence', 'away') end
-  end
   return f[2]
 end
 """
@@ -91,30 +101,29 @@ _ASSIGN = _COMMON + """
 local timeout = tonumber(ARGV[3])
 local blocks = ARGV[5] == '1'
 local most = tonumber(ARGV[6])
-local agents = {}
-for _, a in ipairs(redis.call('SMEMBERS', P .. 'agents')) do
-  local f = redis.call('HMGET', P .. 'a:' .. a, 'presence', 'skills', 'cap_voice', 'cap_chat', 'voice', 'chat',
-                       'idle_since')
-  if f[1] == 'available' then
-    agents[#agents + 1] = {id = a, skills = f[2] or '', cap_voice = tonumber(f[3]) or 0,
-                           cap_chat = tonumber(f[4]) or 0, voice = tonumber(f[5]) or 0, chat = tonumber(f[6]) or 0,
-                           idle = tonumber(f[7]) or 0}
-  end
-end
 local out = {}
-if #agents == 0 then return out end
+if redis.call('ZCARD', P .. 'queue') == 0 then return out end
+local agents = {}
+for _, a in ipairs(redis.call('SMEMBERS', P .. 'ready')) do
+  local f = redis.call('HMGET', P .. 'a:' .. a, 'skills', 'cap_voice', 'cap_chat', 'voice', 'chat', 'idle_since')
+  agents[#agents + 1] = {id = a, skills = f[1] or '', cap_voice = tonumber(f[2]) or 0, cap_chat = tonumber(f[3]) or 0,
+                         voice = tonumber(f[4]) or 0, chat = tonumber(f[5]) or 0, idle = tonumber(f[6]) or 0}
+end
+local function room(a, voice)
+  if voice then return a.voice < a.cap_voice end
+  return a.chat < a.cap_chat and not (blocks and a.voice > 0)
+end
 for _, iid in ipairs(redis.call('ZRANGE', P .. 'queue', 0, tonumber(ARGV[4]) - 1)) do
+  if #agents == 0 then break end
   local ik = P .. 'i:' .. iid
   local f = redis.call('HMGET', ik, 'channel', 'skill')
   local voice = f[1] == 'voice'
   local want = ',' .. (f[2] or '') .. ','
-  local best = nil
-  for _, a in ipairs(agents) do
-    local room
-    if voice then room = a.voice < a.cap_voice else room = a.chat < a.cap_chat and not (blocks and a.voice > 0) end
-    if room and string.find(a.skills, want, 1, true) then
+  local best, at = nil, 0
+  for i, a in ipairs(agents) do
+    if room(a, voice) and string.find(a.skills, want, 1, true) then
       local load, best_load = a.voice + a.chat, best and (best.voice + best.chat)
-      if best == nil or load < best_load or (load == best_load and a.idle < best.idle) then best = a end
+      if best == nil or load < best_load or (load == best_load and a.idle < best.idle) then best, at = a, i end
     end
   end
   if best then
@@ -126,6 +135,8 @@ for _, iid in ipairs(redis.call('ZRANGE', P .. 'queue', 0, tonumber(ARGV[4]) - 1
     best.idle = now
     redis.call('HINCRBY', P .. 'a:' .. best.id, kind(f[1]), 1)
     redis.call('HSET', P .. 'a:' .. best.id, 'idle_since', now)
+    refresh(best.id)
+    if not room(best, true) and not room(best, false) then table.remove(agents, at) end
     out[#out + 1] = iid
     out[#out + 1] = best.id
     out[#out + 1] = f[1]
@@ -173,6 +184,7 @@ local ak = P .. 'a:' .. f[2]
 if f[1] == 'active' and f[3] == 'voice' and wrapup > 0 and redis.call('HGET', ak, 'presence') == 'available' then
   redis.call('HSET', ak, 'presence', 'wrapup', 'wrapup_until', now + wrapup)
   redis.call('ZADD', P .. 'deadlines', now + wrapup, 'w:' .. f[2])
+  refresh(f[2])
 end
 return {f[1], f[2]}
 """
@@ -185,6 +197,7 @@ if redis.call('HSETNX', ak, 'presence', 'away') == 1 or redis.call('HGET', ak, '
   redis.call('HSET', ak, 'presence', 'away', 'voice', 0, 'chat', 0, 'idle_since', now)
 end
 redis.call('SADD', P .. 'agents', ARGV[3])
+refresh(ARGV[3])
 return 1
 """
 
@@ -202,6 +215,7 @@ redis.call('HSET', ak, 'presence', presence)
 redis.call('HDEL', ak, 'wrapup_until')
 redis.call('ZREM', P .. 'deadlines', 'w:' .. ARGV[3])
 if presence == 'available' then redis.call('HSET', ak, 'idle_since', now) end
+refresh(ARGV[3])
 return 1
 """
 
@@ -220,6 +234,7 @@ for _, m in ipairs(redis.call('ZRANGEBYSCORE', P .. 'deadlines', '-inf', now, 'L
     if redis.call('HGET', ak, 'presence') == 'wrapup' then
       redis.call('HSET', ak, 'presence', 'available', 'idle_since', now)
       redis.call('HDEL', ak, 'wrapup_until')
+      refresh(id)
       out[#out + 1] = 'wrapped'; out[#out + 1] = id; out[#out + 1] = id
     end
   end
@@ -238,7 +253,7 @@ local agents = {}
 for _, a in ipairs(redis.call('SMEMBERS', P .. 'agents')) do
   agents[#agents + 1] = {a, redis.call('HGETALL', P .. 'a:' .. a)}
 end
-return {redis.call('ZRANGE', P .. 'queue', 0, -1), items, agents}
+return {redis.call('ZRANGE', P .. 'queue', 0, -1), items, agents, redis.call('SMEMBERS', P .. 'ready')}
 """
 
 
@@ -297,6 +312,7 @@ class Snapshot:
     queue: list[str] = field(default_factory=list)   # ids of the waiting interactions, head first
     interactions: dict[str, InteractionState] = field(default_factory=dict)
     agents: dict[str, AgentState] = field(default_factory=dict)
+    ready: set[str] = field(default_factory=set)      # agents an offer may go to now
 
     def per_skill(self) -> dict[str, dict[str, float]]:
         """Per skill: interactions waiting and the longest wait in seconds."""
@@ -330,6 +346,7 @@ class Router:
         self._listeners: list[Listener] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     # ---------------------------------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -338,9 +355,16 @@ class Router:
 
     async def aclose(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # Asked to stop rather than cancelled: on Python 3.11 asyncio.wait_for (inside redis-py's commands)
+            # can swallow a cancellation (CPython gh-86296), and the loop would go on. Cancelled only if stuck.
+            self._stopping = True
+            self._wake.set()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), 5)
+            except TimeoutError:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
             self._task = None
         if self._own_redis:
             await self._redis.aclose()
@@ -354,15 +378,17 @@ class Router:
         self._wake.set()
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 await self.tick()
-                while await self.assign():
+                while not self._stopping and await self.assign():
                     pass
             except asyncio.CancelledError:
                 raise
             except Exception:  # Redis away: try again at the next tick
                 log.exception("router: cannot reach Redis; retrying")
+            if self._stopping:
+                return
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.config.tick_interval)
@@ -480,8 +506,8 @@ class Router:
 
     async def snapshot(self) -> Snapshot:
         """Queue and agents read at one instant."""
-        queue, items, agents = await self._call("snapshot")
-        snap = Snapshot(time.time(), list(queue))
+        queue, items, agents, ready = await self._call("snapshot")
+        snap = Snapshot(time.time(), list(queue), ready=set(ready))
         for iid, pairs in items:
             f = dict(zip(pairs[::2], pairs[1::2], strict=True))
             snap.interactions[iid] = InteractionState(

@@ -224,6 +224,9 @@ def check_invariants(snap: Snapshot) -> None:
             assert item.interaction not in snap.queue
             held[(item.agent, "voice" if item.channel == "voice" else "chat")] += 1
     assert len(snap.queue) == len(set(snap.queue)) and set(snap.queue) <= set(snap.interactions)
+    room = {name for name, a in snap.agents.items()
+            if a.presence == "available" and (a.voice < a.cap_voice or a.chat < a.cap_chat)}
+    assert snap.ready == room, f"ready {sorted(snap.ready)} != available with room {sorted(room)}"
     for name, state in snap.agents.items():
         assert state.voice == held[(name, "voice")], f"{name}: voice count {state.voice} != {held}"
         assert state.chat == held[(name, "chat")], f"{name}: chat count {state.chat} != {held}"
