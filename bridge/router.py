@@ -48,15 +48,18 @@ _COMMON = """
 local P = ARGV[1]
 local now = tonumber(ARGV[2])
 local function kind(channel) if channel == 'voice' then return 'voice' end return 'chat' end
--- the "ready" set holds the agents an offer may go to now (available, room on a channel): assignments read
--- only them, not every agent logged in
+-- "ready" maps the agents an offer may go to now (available, room on a channel) to what an assignment needs of
+-- them, "voice chat cap_voice cap_chat idle_since ,skills,": one HGETALL instead of a call per agent
 local function refresh(agent)
-  local f = redis.call('HMGET', P .. 'a:' .. agent, 'presence', 'voice', 'chat', 'cap_voice', 'cap_chat')
-  if f[1] == 'available' and ((tonumber(f[2]) or 0) < (tonumber(f[4]) or 0)
-                              or (tonumber(f[3]) or 0) < (tonumber(f[5]) or 0)) then
-    redis.call('SADD', P .. 'ready', agent)
+  local f = redis.call('HMGET', P .. 'a:' .. agent, 'presence', 'voice', 'chat', 'cap_voice', 'cap_chat',
+                       'idle_since', 'skills')
+  local voice, chat = tonumber(f[2]) or 0, tonumber(f[3]) or 0
+  local cap_voice, cap_chat = tonumber(f[4]) or 0, tonumber(f[5]) or 0
+  if f[1] == 'available' and (voice < cap_voice or chat < cap_chat) then
+    redis.call('HSET', P .. 'ready', agent, string.format('%d %d %d %d %d %s', voice, chat, cap_voice, cap_chat,
+                                                          tonumber(f[6]) or 0, f[7] or ','))
   else
-    redis.call('SREM', P .. 'ready', agent)
+    redis.call('HDEL', P .. 'ready', agent)
   end
 end
 local function release(agent, channel)
@@ -104,10 +107,13 @@ local most = tonumber(ARGV[6])
 local out = {}
 if redis.call('ZCARD', P .. 'queue') == 0 then return out end
 local agents = {}
-for _, a in ipairs(redis.call('SMEMBERS', P .. 'ready')) do
-  local f = redis.call('HMGET', P .. 'a:' .. a, 'skills', 'cap_voice', 'cap_chat', 'voice', 'chat', 'idle_since')
-  agents[#agents + 1] = {id = a, skills = f[1] or '', cap_voice = tonumber(f[2]) or 0, cap_chat = tonumber(f[3]) or 0,
-                         voice = tonumber(f[4]) or 0, chat = tonumber(f[5]) or 0, idle = tonumber(f[6]) or 0}
+local ready = redis.call('HGETALL', P .. 'ready')
+for i = 1, #ready, 2 do
+  local voice, chat, cap_voice, cap_chat, idle, skills = string.match(ready[i + 1],
+                                                                      '^(%d+) (%d+) (%d+) (%d+) (%d+) (.*)$')
+  agents[#agents + 1] = {id = ready[i], skills = skills, cap_voice = tonumber(cap_voice),
+                         cap_chat = tonumber(cap_chat), voice = tonumber(voice), chat = tonumber(chat),
+                         idle = tonumber(idle)}
 end
 local function room(a, voice)
   if voice then return a.voice < a.cap_voice end
@@ -253,7 +259,7 @@ local agents = {}
 for _, a in ipairs(redis.call('SMEMBERS', P .. 'agents')) do
   agents[#agents + 1] = {a, redis.call('HGETALL', P .. 'a:' .. a)}
 end
-return {redis.call('ZRANGE', P .. 'queue', 0, -1), items, agents, redis.call('SMEMBERS', P .. 'ready')}
+return {redis.call('ZRANGE', P .. 'queue', 0, -1), items, agents, redis.call('HKEYS', P .. 'ready')}
 """
 
 
