@@ -1,4 +1,4 @@
-"""What the benchmark scripts share: their error, their log line, process CPU time, waiting for a port, the CPU."""
+"""What the benchmark scripts share: their error, their log line, process and machine CPU time, ports, the CPU."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import socket
 import sys
 import time
+from typing import NamedTuple
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -51,3 +52,28 @@ def cpu_model() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return ""
+
+
+class CpuFields(NamedTuple):
+    """Jiffies of all CPUs since boot (/proc/stat)."""
+
+    busy: int          # user, nice, system, irq, softirq (not steal)
+    total: int
+    processes: int     # user, nice, system
+    kernel: int        # irq, softirq, steal
+    steal: int         # time the hypervisor gave the VM's CPUs to others
+
+
+def cpu_fields() -> CpuFields:
+    with open("/proc/stat") as fh:
+        v = [int(x) for x in fh.readline().split()[1:]] + [0] * 10
+    user, nice, system, idle, iowait, irq, softirq, steal = v[:8]
+    busy = user + nice + system + irq + softirq
+    return CpuFields(busy, busy + idle + iowait + steal, user + nice + system, irq + softirq + steal, steal)
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

@@ -93,7 +93,7 @@ from sms.kannel import DLR_PATH, KannelGateway, parse_dlr  # noqa: E402
 from sms.kannel_proc import BEARERBOX, FAKESMSC, INSTANCES, SMSBOX, KannelInstance, instance_config  # noqa: E402
 
 sys.path.insert(0, str(BENCH_DIR))
-from benchlib import CLK_TCK, BenchError, cpu_model, cpu_seconds, log, wait_tcp  # noqa: E402
+from benchlib import CLK_TCK, BenchError, cpu_fields, cpu_model, cpu_seconds, free_port, log, wait_tcp  # noqa: E402
 
 INSTANCE = "bench"
 LOCK_FILE = Path(tempfile.gettempdir()) / "ivr-bridge-bench-followups.lock"
@@ -123,22 +123,8 @@ def rss_bytes(pid: int | str = "self") -> int:
 
 def machine_jiffies() -> tuple[int, int]:
     """(busy, total) jiffies of all CPUs since boot; busy = user, nice, system, irq, softirq (not steal)."""
-    return _cpu_fields()[:2]
-
-
-def _cpu_fields() -> tuple[int, int, int, int]:
-    """(busy, total, process time (user + nice + system), irq + softirq + steal) jiffies of all CPUs."""
-    with open("/proc/stat") as fh:
-        v = [int(x) for x in fh.readline().split()[1:]] + [0] * 10
-    user, nice, system, idle, iowait, irq, softirq, steal = v[:8]
-    busy = user + nice + system + irq + softirq
-    return busy, busy + idle + iowait + steal, user + nice + system, irq + softirq + steal
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    fields = cpu_fields()
+    return fields.busy, fields.total
 
 
 def port_in_use(port: int) -> bool:
@@ -474,7 +460,7 @@ class Bench:
     # ------------------------------------------------------------------------------------------ measuring
     def snapshot(self, pg_backends: list[int] | None = None) -> dict[str, float]:
         assert self.kannel is not None
-        busy, total, processes, kernel = _cpu_fields()
+        busy, total, processes, kernel, _ = cpu_fields()
         backends = {f"_pg{pid}": cpu_seconds(pid) for pid in pg_backends or []}  # same machine only
         return {**backends, "bench": cpu_seconds(os.getpid()), "bearerbox": cpu_seconds(self.kannel.pid("bearerbox")),
                 "smsbox": cpu_seconds(self.kannel.pid("smsbox")), "fakesmsc": cpu_seconds(self.kannel.pid("fakesmsc")),

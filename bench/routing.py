@@ -78,7 +78,7 @@ from bridge.config import RouterConfig  # noqa: E402
 from bridge.router import Offer, Router  # noqa: E402
 
 sys.path.insert(0, str(BENCH_DIR))
-from benchlib import BenchError, cpu_model, cpu_seconds, log  # noqa: E402
+from benchlib import BenchError, cpu_fields, cpu_model, cpu_seconds, free_port, log  # noqa: E402
 
 KEY_PREFIX = "bench-routing:{router}:"
 SKILLS = ("billing", "sales", "support", "tech", "vip")
@@ -119,25 +119,15 @@ def median(values: list[float]) -> float:
 
 
 def machine_jiffies() -> tuple[int, int, int]:
-    """(busy, total, steal) jiffies of all CPUs since boot; busy = user, nice, system, irq, softirq; steal = the
-    time the hypervisor gave the VM's CPUs to others."""
-    with open("/proc/stat") as fh:
-        v = [int(x) for x in fh.readline().split()[1:]] + [0] * 10
-    user, nice, system, idle, iowait, irq, softirq, steal = v[:8]
-    busy = user + nice + system + irq + softirq
-    return busy, busy + idle + iowait + steal, steal
+    """(busy, total, steal) jiffies of all CPUs since boot (see benchlib.CpuFields)."""
+    fields = cpu_fields()
+    return fields.busy, fields.total, fields.steal
 
 
 def busy_since(mark: tuple[int, int, int]) -> tuple[float, float]:
     """(busy, steal) fractions of all CPUs since ``mark``."""
     busy, total, steal = machine_jiffies()
     return (busy - mark[0]) / max(1, total - mark[1]), (steal - mark[2]) / max(1, total - mark[1])
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def redis_ping(port: int) -> bool:
