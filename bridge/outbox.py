@@ -142,7 +142,7 @@ class _Update:
 class RowUpdates:
     """Conditional updates of follow-up rows ("set these values if the row is still in one of these states"),
     group-committed: what concurrent sends and delivery reports ask for while the previous batch commits shares
-    one transaction, and updates of the same kind share one statement (see :func:`_statements`).
+    one transaction, and as a rule one statement (see :func:`_statements`).
     """
 
     def __init__(self, store: InteractionStore) -> None:
@@ -257,7 +257,7 @@ def _statements(batch: list[_Update], backend: _Backend) -> list[tuple[str, list
     """As few ``UPDATE .. RETURNING id`` statements as a batch allows, each with its parameters and its updates
     by row id: one for all of them, unless a row is updated more than once (a later update of a row goes to a
     later statement, in the order asked). Each row gets its own values (``CASE id``) under its own condition on
-    the state; one statement also takes its rows' locks in one order, so writers cannot deadlock on PostgreSQL.
+    the state. On PostgreSQL a deadlock with another process's writer is still possible and is retried.
 
     Written here rather than by SQLAlchemy: compiling these (their shape changes with every batch) cost more
     CPU than the database took to run them."""
