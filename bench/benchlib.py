@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import socket
+import statistics
 import sys
 import time
+from collections.abc import Sequence
 from typing import NamedTuple
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -77,3 +80,8 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def median(values: Sequence[float]) -> float:
+    """The median; NaN for no values."""
+    return statistics.median(values) if values else math.nan

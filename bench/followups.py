@@ -93,7 +93,7 @@ from sms.kannel import DLR_PATH, KannelGateway, parse_dlr  # noqa: E402
 from sms.kannel_proc import BEARERBOX, FAKESMSC, INSTANCES, SMSBOX, KannelInstance, instance_config  # noqa: E402
 
 sys.path.insert(0, str(BENCH_DIR))
-from benchlib import CLK_TCK, BenchError, cpu_fields, cpu_model, cpu_seconds, free_port, log, wait_tcp  # noqa: E402
+from benchlib import CLK_TCK, BenchError, cpu_fields, cpu_model, cpu_seconds, free_port, log, median, wait_tcp  # noqa: E402
 
 INSTANCE = "bench"
 LOCK_FILE = Path(tempfile.gettempdir()) / "ivr-bridge-bench-followups.lock"
@@ -997,12 +997,6 @@ def machine() -> dict[str, str]:
             "python": platform.python_version(), "kannel": kannel or "?", "sqlite": sqlite3.sqlite_version,
             "aiosmtplib": aiosmtplib.__version__, "aiohttp": aiohttp.__version__,
             "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")}
-
-
-def median(values: list[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 def evaluate(pairs: list[tuple[RunResult, RunResult]], quick: bool) -> list[tuple[str, str, str, bool | None]]:

@@ -78,7 +78,7 @@ from bridge.config import RouterConfig  # noqa: E402
 from bridge.router import Offer, Router  # noqa: E402
 
 sys.path.insert(0, str(BENCH_DIR))
-from benchlib import BenchError, cpu_fields, cpu_model, cpu_seconds, free_port, log  # noqa: E402
+from benchlib import BenchError, cpu_fields, cpu_model, cpu_seconds, free_port, log, median  # noqa: E402
 
 KEY_PREFIX = "bench-routing:{router}:"
 SKILLS = ("billing", "sales", "support", "tech", "vip")
@@ -108,14 +108,6 @@ def percentile(ordered: Sequence[float], p: float) -> float:
     if not ordered:
         return math.nan
     return ordered[max(0, min(len(ordered) - 1, math.ceil(p / 100 * len(ordered)) - 1))]
-
-
-def median(values: list[float]) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return math.nan
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 def machine_jiffies() -> tuple[int, int, int]:
