@@ -53,8 +53,8 @@ class InteractionStore:
             # connections wait on its file lock in sleeps of up to 100 ms (busy_timeout), then fail with
             # "database is locked" under load. Queuing for the one connection in asyncio is fast and fair.
             # No pre-ping (a SELECT 1 before every transaction) for a local file.
-            # pool_reset_on_return=None (both back ends): every use goes through a session, which ends its own
-            # transaction; the pool's extra ROLLBACK would cost a round trip to the driver per transaction.
+            # pool_reset_on_return=None (both back ends): sessions and connections end their own transactions
+            # (commit, or rollback on close); the pool's extra ROLLBACK cost a round trip to the driver each time.
             file_db = path not in ("", ":memory:") and "mode=memory" not in self.url
             options = {"pool_size": 1, "max_overflow": 0} if file_db else {}
             self.engine = create_async_engine(self.url, pool_reset_on_return=None, **options)
