@@ -10,10 +10,12 @@ records whether a dispatcher that died mid-send may have handed the message over
   delivery report, send again only if none comes) or ``uncertain`` (kept for an operator:
   ``ivr-bridge outbox retry``).
 
-``handing(then)`` runs ``then`` (a plain function) in the same step of the event loop in which the hand-over
-state is known to be committed, with no other task in between: SMTP writes its final dot there, so a dispatcher
-killed between the record and the dot is limited to the database driver's own commit acknowledgement. Exactly
-once towards a server that cannot deduplicate is impossible in general; this keeps the window that small.
+``handing(then)`` runs ``then`` (a plain function) once the hand-over state is written but not yet committed,
+right before the commit goes out, in the same step of the event loop (see :func:`_hand_over`): SMTP writes its
+final dot there. So a committed "handing" means the dot was written, and a dispatcher killed in the microseconds
+between dot and commit leaves the row in "sending": the mail goes again (SMTP's duplicate of RFC 1047), it is
+never lost. Exactly once towards a server that cannot deduplicate is impossible in general; this keeps the
+window that small, on the side of sending twice. ``handing()`` itself returns once the commit is acknowledged.
 """
 
 from __future__ import annotations
@@ -137,6 +139,7 @@ class _Update:
     future: asyncio.Future[bool]
     then: Callable[[], None] | None
     changed: bool = False
+    handed: bool = False  # ``then`` ran: the message left, whatever the commit does
 
 
 class RowUpdates:
@@ -152,8 +155,8 @@ class RowUpdates:
 
     def submit(self, followup_id: str, states: Iterable[FollowUpState], values: dict[str, Any],
                then: Callable[[], None] | None = None) -> asyncio.Future[bool]:
-        """Queue an update; the future says whether the row changed. ``then`` runs right after the commit, in the
-        writer's own step of the event loop, when the row did change."""
+        """Queue an update; the future says whether the row changed. ``then`` runs when the row did change,
+        right before the commit (see the module doc)."""
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._queued.append(_Update(followup_id, tuple(s.value for s in states), values, future, then))
         if self._task is None or self._task.done():
@@ -176,45 +179,59 @@ class RowUpdates:
                     if not item.future.done():
                         item.future.set_exception(exc)
                 continue
-            # Committed: the follow-ups' "then" first, before any other task can run (see the module doc).
-            for item in batch:
-                if item.then is not None and item.changed:
-                    try:
-                        item.then()
-                    except Exception:
-                        log.exception("outbox: hand-over callback failed")
             for item in batch:
                 if not item.future.done():
                     item.future.set_result(item.changed)
 
     async def _commit(self, batch: list[_Update]) -> None:
-        """One transaction for the batch, setting each update's ``changed``; a deadlock, a busy database or a
-        lost connection is retried."""
+        """One transaction for the batch, setting each update's ``changed`` and running the hand-overs' ``then``
+        before its commit; a deadlock, a busy database or a lost connection is retried."""
         if self.store.engine is None:
             raise RuntimeError("the store is not started")
         sqlite = self.store.engine.dialect.name == "sqlite"
         statements = _statements(batch, _SQLITE if sqlite else _POSTGRESQL)
         for attempt in range(4):
+            committed = False
             try:
                 async with self.store.engine.connect() as conn:
                     if sqlite:
-                        await _run_sqlite(conn, statements)
+                        await _run_sqlite(conn, statements, batch)
                     else:
                         async with conn.begin():
                             for sql, params, items in statements:
                                 for (followup_id,) in await conn.exec_driver_sql(sql, tuple(params)):
                                     items[followup_id].changed = True
+                            _hand_over(batch)  # the block's end writes COMMIT, in this same step
+                    committed = True
                 return
             except (DBAPIError, sqlite3.Error) as exc:
+                if committed:  # only giving the connection back failed; the batch stands
+                    log.warning("outbox: returning a connection failed after a commit: %s", exc)
+                    return
                 for item in batch:
-                    item.changed = False
+                    item.changed = item.handed
                 if attempt == 3:
                     raise
                 log.warning("outbox: update batch failed (%s); retrying", type(getattr(exc, "orig", exc)).__name__)
                 await asyncio.sleep(0.01 * (attempt + 1) * random.uniform(1, 2))
 
 
-async def _run_sqlite(conn: Any, statements: list[tuple[str, list[Any], dict[str, _Update]]]) -> None:
+def _hand_over(batch: list[_Update]) -> bool:
+    """Run the ``then`` of each hand-over the transaction wrote (once, even if the batch is retried); the caller
+    commits right after, in the same step of the event loop. Whether any ran."""
+    ran = False
+    for item in batch:
+        if item.then is not None and item.changed and not item.handed:
+            item.handed = ran = True
+            try:
+                item.then()
+            except Exception:
+                log.exception("outbox: hand-over callback failed")
+    return ran
+
+
+async def _run_sqlite(conn: Any, statements: list[tuple[str, list[Any], dict[str, _Update]]],
+                      batch: list[_Update]) -> None:
     # On the driver's own connection: through SQLAlchemy each statement costs four trips to aiosqlite's thread
     # (cursor, execute, fetch, close) and each trip waits for a turn of a busy event loop; this is one a
     # statement and one for the commit. The pooled connection is checked out, so nothing else uses it meanwhile.
@@ -223,7 +240,15 @@ async def _run_sqlite(conn: Any, statements: list[tuple[str, list[Any], dict[str
         for sql, params, items in statements:
             for (followup_id,) in await driver.execute_fetchall(sql, params):
                 items[followup_id].changed = True
-        await driver.commit()
+        if _hand_over(batch):
+            # Hand-overs just went out: commit here and now. Until the commit lands a dispatcher killed sends
+            # them again, and awaiting aiosqlite's thread lets every ready task run first (milliseconds under
+            # load). This blocks the event loop for the commit alone: the transaction holds the write lock
+            # already, and a WAL commit without fsync takes tens of microseconds (docs/benchmarks.md). The
+            # connection is ours and idle on its thread; the store opens it with check_same_thread=False.
+            driver._conn.commit()
+        else:
+            await driver.commit()
     except BaseException:
         await driver.rollback()
         raise

@@ -8,6 +8,7 @@ import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Table, event, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -55,9 +56,12 @@ class InteractionStore:
             # No pre-ping (a SELECT 1 before every transaction) for a local file.
             # pool_reset_on_return=None (both back ends): sessions and connections end their own transactions
             # (commit, or rollback on close); the pool's extra ROLLBACK cost a round trip to the driver each time.
+            # check_same_thread=False (SQLAlchemy's default for files, made explicit): the outbox commits a batch
+            # with hand-overs from the event loop's thread (bridge/outbox.py, _run_sqlite).
             file_db = path not in ("", ":memory:") and "mode=memory" not in self.url
-            options = {"pool_size": 1, "max_overflow": 0} if file_db else {}
-            self.engine = create_async_engine(self.url, pool_reset_on_return=None, **options)
+            options: dict[str, Any] = {"pool_size": 1, "max_overflow": 0} if file_db else {}
+            self.engine = create_async_engine(self.url, pool_reset_on_return=None,
+                                              connect_args={"check_same_thread": False}, **options)
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
         else:
             self.engine = create_async_engine(self.url, pool_pre_ping=True, pool_reset_on_return=None)

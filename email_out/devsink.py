@@ -113,7 +113,13 @@ class _Handler:
         return "250 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        mail = await self.sink._store(envelope)
+        # A real MTA keeps a message once its final dot arrived, even if the client leaves before the reply
+        # (RFC 1047). aiosmtpd cancels this handler when the client's EOF comes, so storing runs in a task of
+        # its own that the cancellation does not reach.
+        task = asyncio.create_task(self.sink._store(envelope), name="dev-mail-store")
+        self.sink._storing.add(task)
+        task.add_done_callback(self.sink._storing.discard)
+        mail = await asyncio.shield(task)
         return f"250 OK queued as {mail.path.stem}"
 
 
@@ -145,6 +151,7 @@ class DevMailSink:
         self._handler = _Handler(self)
         self._server: asyncio.Server | None = None
         self._live: set[_SinkSMTP] = set()
+        self._storing: set[asyncio.Task[ReceivedMail]] = set()
 
     @property
     def open_connections(self) -> int:
@@ -167,6 +174,8 @@ class DevMailSink:
         if tasks:
             await asyncio.wait(tasks, timeout=5)
         await self._server.wait_closed()
+        if self._storing:  # messages whose final dot arrived are kept
+            await asyncio.wait(list(self._storing), timeout=5)
         self._server = None
 
     def _protocol(self) -> SMTP:

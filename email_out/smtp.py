@@ -6,12 +6,12 @@ the same pieces aiosmtplib uses (``SMTP.execute_command``, ``SMTPProtocol.write`
 ``normalize_message_line_endings`` and ``PERIOD_REGEX`` for line ends and dot-stuffing)::
 
     MAIL FROM, RCPT TO, DATA -> 354, the body (flushed)   refusals: 5xx failed, 4xx / broken connection retry
-    await handing(write_dot)                              the outbox records "may have been handed over", then
-                                                          writes ".\\r\\n" in the same step of the event loop
+    await handing(write_dot)                              the outbox writes "handed over" and, right before
+                                                          committing it, calls write_dot: ".\\r\\n"
     read the reply                                        2xx sent, 4xx retry, 5xx failed, no reply unknown
 
-Only the three bytes of the dot follow the hand-over record, written with no other task in between, hence
-``interrupted = "sent"``.
+A committed hand-over therefore means the dot was written, hence ``interrupted = "sent"``; a dispatcher killed
+between the dot and the commit (microseconds) sends the mail again.
 
 Decisions worth knowing:
 
@@ -32,11 +32,10 @@ import contextlib
 import logging
 import re
 import socket
-from email.message import EmailMessage
+from email.message import Message
 from typing import cast
 
 import aiosmtplib
-from aiosmtplib.email import flatten_message
 from aiosmtplib.errors import (
     SMTPAuthenticationError,
     SMTPDataError,
@@ -50,7 +49,7 @@ from aiosmtplib.protocol import PERIOD_REGEX, SMTPProtocol, normalize_message_li
 from bridge.config import EmailConfig
 from bridge.outbox import Handing, Interrupted, Outgoing, SendResult, SendStatus
 from email_out.address import normalise_address
-from email_out.message import build_message
+from email_out.message import build_message, flatten
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +76,10 @@ def queue_id(reply: str) -> str | None:
 class _Flat:
     """A message flattened for DATA: the body as sent (CRLF, dots doubled, no final dot) and its SIZE."""
 
-    def __init__(self, mail: EmailMessage, eight_bit: bool) -> None:
+    def __init__(self, mail: Message) -> None:
         self.mail = mail
-        self.eight_bit = eight_bit
-        flat = flatten_message(mail, utf8=False, cte_type="8bit" if eight_bit else "7bit")
-        self.size = len(normalize_message_line_endings(flat))
+        flat = flatten(mail)
+        self.size = len(flat)
         self.body = encode_data(flat)
 
 
@@ -123,7 +121,6 @@ class SmtpGateway:
         self._idle: list[_Connection] = []
         self._helo = config.helo_name or None
         self._closed = False
-        self._eight_bit = True  # what the server said last time (most do)
 
     async def start(self) -> None:
         """Nothing connects yet (connections open with the first messages); finds the EHLO name."""
@@ -154,9 +151,7 @@ class SmtpGateway:
             return SendResult("failed", error=str(exc))
         if self._closed:
             return SendResult("retry", error="the SMTP gateway is closed")
-        # Flattened before taking a connection (it costs milliseconds of CPU that a connection would sit idle
-        # for), as the server last said it takes 8-bit bodies; redone in the rare case a server says otherwise.
-        flat = _Flat(mail, self._eight_bit)
+        flat = _Flat(mail)  # before taking a connection, which would sit idle meanwhile
         async with self._slots:
             conn = self._idle.pop() if self._idle else _Connection()
             try:
@@ -195,7 +190,7 @@ class SmtpGateway:
                                validate_certs=c.validate_certs, timeout=c.timeout, local_hostname=self._helo)
         try:
             await smtp.connect()
-            # Extensions (8BITMIME, SIZE) decide how the message is flattened, before MAIL FROM.
+            # EHLO before MAIL FROM: whether the server takes SIZE.
             if smtp.is_ehlo_or_helo_needed:
                 try:
                     await smtp.ehlo()
@@ -221,15 +216,7 @@ class SmtpGateway:
         smtp = conn.smtp
         assert smtp is not None
         timeout = self.config.timeout
-        # As SMTP.send_message does: 8-bit bodies only to servers that said 8BITMIME, SIZE when offered.
-        self._eight_bit = smtp.supports_extension("8bitmime")
-        if flat.eight_bit != self._eight_bit:
-            flat = _Flat(flat.mail, self._eight_bit)
-        options = []
-        if smtp.supports_extension("size"):
-            options.append(f"SIZE={flat.size}")
-        if flat.eight_bit:
-            options.append("BODY=8BITMIME")
+        options = [f"SIZE={flat.size}"] if smtp.supports_extension("size") else []
         body = flat.body
 
         stage = "MAIL FROM"
@@ -261,8 +248,8 @@ class SmtpGateway:
         dot = False
 
         def write_dot() -> None:
-            # Runs as soon as the outbox has committed the hand-over (no other task in between); the reply is
-            # marked as expected first, so aiosmtplib keeps it even if it arrives before read_response().
+            # Runs right before the outbox commits the hand-over (no other task in between); the reply is marked
+            # as expected first, so aiosmtplib keeps it even if it arrives before read_response().
             nonlocal dot
             if smtp.protocol is protocol and protocol.is_connected:
                 protocol._response_pending = True

@@ -157,7 +157,7 @@ async def test_server_without_8bitmime_gets_a_7bit_message(tmp_path: Path, gatew
         gateway = await gateways(sink.port)
         assert (await gateway.send(outgoing(text="短行\n" + "长" * 300), Handing())).status == "sent"
         [mail] = read_mailbox(sink.directory)
-        assert mail.text == "短行\n" + "长" * 300 + "\n"
+        assert mail.text == "短行\n" + "长" * 300
         assert mail.path.read_bytes().isascii()
     finally:
         await sink.aclose()
@@ -285,6 +285,24 @@ async def test_a_send_cancelled_in_handing_delivers_nothing(sink: DevMailSink, g
         await task
     await wait_until(lambda: sink.open_connections == 0, "the server to see the connection closed")
     assert read_mailbox(sink.directory) == []
+
+
+@pytest.mark.parametrize("hang_up", ["close", "abort"])
+async def test_the_dev_sink_keeps_a_message_whose_client_left_right_after_the_final_dot(
+        sink: DevMailSink, hang_up: str) -> None:
+    # As a real MTA does (RFC 1047): a dispatcher killed just after writing the dot must not lose the mail.
+    for n in range(10):
+        reader, writer = await asyncio.open_connection("127.0.0.1", sink.port)
+        await reader.readline()
+        for command in (b"EHLO client", b"MAIL FROM:<a@example.com>", b"RCPT TO:<b@example.com>", b"DATA"):
+            writer.write(command + b"\r\n")
+            while (line := await reader.readline())[3:4] == b"-":
+                pass
+            assert line[:1] in (b"2", b"3"), line
+        writer.write(b"Subject: left %d\r\n\r\nbody\r\n.\r\n" % n)
+        writer.transport.abort() if hang_up == "abort" else writer.close()
+    await wait_until(lambda: len(read_mailbox(sink.directory)) == 10, "all ten mails to be stored")
+    assert sorted(m.subject for m in read_mailbox(sink.directory)) == [f"left {n}" for n in range(10)]
 
 
 # ------------------------------------------------------------------------------------------------ TLS, AUTH

@@ -7,13 +7,16 @@ The real gateways (Kannel, SMTP) and a dispatcher killed with SIGKILL are in tes
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import datetime as dt
+import sqlite3
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
 from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from bridge import db
 from bridge import outbox as outbox_module
@@ -302,6 +305,62 @@ async def test_concurrent_reports_share_one_transaction_but_keep_each_rows_own_v
         assert stored[record["id"]].state == S.DELIVERED
         assert stored[record["id"]].gateway_ref == f"ref-{i}"
         assert stored[record["id"]].delivered_at is not None
+
+
+def committed_state(url: str, followup_id: str) -> str:
+    """The row's state as another connection sees it; from a thread, so a synchronous caller can ask."""
+    async def read() -> str:
+        engine = create_async_engine(url)
+        try:
+            async with engine.connect() as conn:
+                return str((await conn.execute(select(FollowUp.state).where(FollowUp.id == followup_id))).scalar())
+        finally:
+            await engine.dispose()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, read()).result(timeout=10)
+
+
+async def test_a_hand_over_runs_its_then_before_the_commit_and_only_when_the_row_changed(
+        store: InteractionStore, db_url: str) -> None:
+    record = row(state=S.SENDING.value)
+    await enqueue(store, [record])
+    updates = Outbox(store).updates
+    seen: list[str] = []  # the committed state when ``then`` ran (SMTP writes its final dot there)
+
+    def then() -> None:
+        seen.append(committed_state(db_url, record["id"]))
+
+    assert await updates.submit(record["id"], [S.SENDING], {"state": S.HANDING.value}, then)
+    assert seen == [S.SENDING.value], "the dot goes out before 'handing' is committed, never after"
+    assert (await states(store))[record["id"]] == S.HANDING.value
+    assert not await updates.submit(record["id"], [S.SENDING], {"state": S.HANDING.value}, then)
+    assert len(seen) == 1, "no hand-over for a row that is no longer ours"
+
+
+async def test_a_hand_over_whose_commit_failed_is_retried_without_running_then_again(
+        store: InteractionStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    records = [row(state=S.SENDING.value) for _ in range(3)]
+    await enqueue(store, records)
+    updates = Outbox(store).updates
+    failures = [sqlite3.OperationalError("database is locked")]
+    hand_over = outbox_module._hand_over
+
+    def failing_once(batch: list[Any]) -> bool:
+        ran = hand_over(batch)
+        if failures:
+            raise failures.pop()
+        return ran
+
+    monkeypatch.setattr(outbox_module, "_hand_over", failing_once)
+    dots: Counter[str] = Counter()
+    changed = await asyncio.gather(*(
+        updates.submit(r["id"], [S.SENDING], {"state": S.HANDING.value}, lambda i=r["id"]: dots.update([i]))
+        for r in records))
+    assert not failures, "the first commit failed"
+    assert changed == [True] * 3
+    assert dots == Counter(r["id"] for r in records), "each message went out once"
+    assert set((await states(store)).values()) == {S.HANDING.value}
 
 
 async def test_a_channel_without_a_gateway_here_is_left_for_another_process(store: InteractionStore) -> None:
