@@ -18,6 +18,7 @@ from bridge.events import EventBus
 from bridge.followups import FollowUpService
 from bridge.links import LinkSigner
 from bridge.outbox import Dispatcher, Gateway, Outbox, RecipientPolicy
+from bridge.queue_log import QueueLog
 from bridge.ratelimit import RateLimiter
 from bridge.router import Router
 from bridge.store import InteractionStore
@@ -60,6 +61,7 @@ class App:
                                          reconnect_max_delay=ast.reconnect_max_delay))
         self.limiter = RateLimiter(cfg.redis.url)
         self.router = Router(cfg.redis.url, cfg.router, self.bus)
+        self.queue_log = QueueLog(cfg.redis.url, cfg.router, self.store)
         if len(cfg.links.secret) < 16:
             raise RuntimeError("no link secret configured (run `ivr-bridge setup-secrets` or set "
                                "IVR_BRIDGE__LINKS__SECRET)")
@@ -133,6 +135,7 @@ class App:
         await self._start(self.bus.start, self.bus.aclose)
         await self._start(self.limiter.start, self.limiter.aclose)
         await self._start(self.router.start, self.router.aclose)
+        await self._start(self.queue_log.start, self.queue_log.aclose)
         await asyncio.to_thread(self.prompts.build, self.flows.flows.values(), False)
         self._closers.append(self._close_prompts)
         await self._start(self.engine.start, self.engine.aclose)

@@ -147,3 +147,19 @@ class SurveyAnswer(Base):
     score: Mapped[int] = mapped_column(Integer)
     channel: Mapped[str] = mapped_column(String(8))
     at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class QueueEvent(Base):
+    """One change of the unified queue, as the router recorded it (bridge/queue_log.py): an interaction joined,
+    was offered, accepted, requeued or left; an agent logged in or changed presence."""
+
+    __tablename__ = "queue_events"
+    __table_args__ = (Index("ix_queue_events_interaction", "interaction_id", "id"),
+                      Index("ix_queue_events_agent", "agent", "id"))
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)   # the Redis stream id: time and order
+    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
+    kind: Mapped[str] = mapped_column(String(16))       # joined offered accepted requeued left login presence
+    interaction_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    agent: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    detail: Mapped[str] = mapped_column(String(256), default="")

@@ -14,6 +14,10 @@ An offer not accepted within ``offer_timeout`` goes back to the head of the queu
 After a call the agent is in ``wrapup`` for ``wrapup_seconds``, then ``available`` again. All of it lives in
 Redis (run it with AOF), so it survives a restart of ivr-bridge and of Redis.
 
+Each script also appends what it changed to the stream ``<prefix>log`` (kind, interaction, agent, detail, time),
+in the same atomic step; :mod:`bridge.queue_log` writes that stream to the database, so the record of who waited,
+who was offered what and who took it survives any process dying at any moment.
+
 Keys share the hash tag of ``router.key_prefix`` (``{router}``), so they live in one slot of a Redis Cluster.
 """
 
@@ -48,6 +52,10 @@ _COMMON = """
 local P = ARGV[1]
 local now = tonumber(ARGV[2])
 local function kind(channel) if channel == 'voice' then return 'voice' end return 'chat' end
+-- every change, in order, in a stream that bridge/queue_log.py writes to the database (it trims what it wrote)
+local function log(what, iid, agent, detail)
+  redis.call('XADD', P .. 'log', '*', 'kind', what, 'interaction', iid, 'agent', agent, 'detail', detail, 'at', now)
+end
 -- "ready" maps the agents an offer may go to now (available, room on a channel) to what an assignment needs of
 -- them, "voice chat cap_voice cap_chat idle_since ,skills,": one HGETALL instead of a call per agent
 local function refresh(agent)
@@ -68,7 +76,7 @@ local function release(agent, channel)
   refresh(agent)
 end
 -- back to the head of the queue; the agent who had it loses it (and is set away if asked)
-local function requeue(iid, away)
+local function requeue(iid, away, reason)
   local ik = P .. 'i:' .. iid
   local f = redis.call('HMGET', ik, 'state', 'agent', 'channel', 'score')
   if f[1] ~= 'offered' and f[1] ~= 'active' then return false end
@@ -79,8 +87,12 @@ local function requeue(iid, away)
   redis.call('HDEL', ik, 'agent', 'deadline', 'offered_at', 'accepted_at')
   redis.call('ZADD', P .. 'queue', score, iid)
   redis.call('ZREM', P .. 'deadlines', 'o:' .. iid)
+  log('requeued', iid, f[2], reason)
   local ak = P .. 'a:' .. f[2]
-  if away and redis.call('HGET', ak, 'presence') == 'available' then redis.call('HSET', ak, 'presence', 'away') end
+  if away and redis.call('HGET', ak, 'presence') == 'available' then
+    redis.call('HSET', ak, 'presence', 'away')
+    log('presence', '', f[2], 'away')
+  end
   release(f[2], f[3])
   return f[2]
 end
@@ -95,6 +107,7 @@ redis.call('HSET', ik, 'channel', ARGV[4], 'skill', ARGV[5], 'priority', ARGV[6]
            'state', 'queued', 'queued_at', now, 'offers', 0)
 redis.call('ZADD', P .. 'queue', score, ARGV[3])
 redis.call('SADD', P .. 'live', ARGV[3])
+log('joined', ARGV[3], '', ARGV[4] .. ' ' .. ARGV[5] .. ' ' .. ARGV[6])
 return 1
 """
 
@@ -142,6 +155,7 @@ for _, iid in ipairs(redis.call('ZRANGE', P .. 'queue', 0, tonumber(ARGV[4]) - 1
     redis.call('HINCRBY', P .. 'a:' .. best.id, kind(f[1]), 1)
     redis.call('HSET', P .. 'a:' .. best.id, 'idle_since', now)
     refresh(best.id)
+    log('offered', iid, best.id, tostring(n))
     if not room(best, true) and not room(best, false) then table.remove(agents, at) end
     out[#out + 1] = iid
     out[#out + 1] = best.id
@@ -161,14 +175,15 @@ if f[1] ~= 'offered' or f[2] ~= ARGV[4] then return 0 end
 redis.call('HSET', ik, 'state', 'active', 'accepted_at', now)
 redis.call('HDEL', ik, 'deadline')
 redis.call('ZREM', P .. 'deadlines', 'o:' .. ARGV[3])
+log('accepted', ARGV[3], ARGV[4], '')
 return 1
 """
 
-# ARGV: prefix, now, iid, agent ('' = whoever has it), away (1/0). 1: back in the queue; 0: not theirs.
+# ARGV: prefix, now, iid, agent ('' = whoever has it), away (1/0), reason. 1: back in the queue; 0: not theirs.
 _REQUEUE = _COMMON + """
 local f = redis.call('HMGET', P .. 'i:' .. ARGV[3], 'agent')
 if ARGV[4] ~= '' and f[1] ~= ARGV[4] then return 0 end
-if requeue(ARGV[3], ARGV[5] == '1') then return 1 end
+if requeue(ARGV[3], ARGV[5] == '1', ARGV[6]) then return 1 end
 return 0
 """
 
@@ -179,6 +194,7 @@ local f = redis.call('HMGET', ik, 'state', 'agent', 'channel')
 if not f[1] then return {'', ''} end
 redis.call('DEL', ik)
 redis.call('SREM', P .. 'live', ARGV[3])
+log('left', ARGV[3], f[2] or '', f[1])
 if f[1] == 'queued' then
   redis.call('ZREM', P .. 'queue', ARGV[3])
   return {'queued', ''}
@@ -191,6 +207,7 @@ if f[1] == 'active' and f[3] == 'voice' and wrapup > 0 and redis.call('HGET', ak
   redis.call('HSET', ak, 'presence', 'wrapup', 'wrapup_until', now + wrapup)
   redis.call('ZADD', P .. 'deadlines', now + wrapup, 'w:' .. f[2])
   refresh(f[2])
+  log('presence', '', f[2], 'wrapup')
 end
 return {f[1], f[2]}
 """
@@ -204,6 +221,7 @@ if redis.call('HSETNX', ak, 'presence', 'away') == 1 or redis.call('HGET', ak, '
 end
 redis.call('SADD', P .. 'agents', ARGV[3])
 refresh(ARGV[3])
+log('login', '', ARGV[3], ARGV[4])
 return 1
 """
 
@@ -222,6 +240,7 @@ redis.call('HDEL', ak, 'wrapup_until')
 redis.call('ZREM', P .. 'deadlines', 'w:' .. ARGV[3])
 if presence == 'available' then redis.call('HSET', ak, 'idle_since', now) end
 refresh(ARGV[3])
+log('presence', '', ARGV[3], presence)
 return 1
 """
 
@@ -233,7 +252,7 @@ for _, m in ipairs(redis.call('ZRANGEBYSCORE', P .. 'deadlines', '-inf', now, 'L
   redis.call('ZREM', P .. 'deadlines', m)
   local what, id = string.sub(m, 1, 1), string.sub(m, 3)
   if what == 'o' then
-    local agent = requeue(id, true)
+    local agent = requeue(id, true, 'offer timed out')
     if agent then out[#out + 1] = 'expired'; out[#out + 1] = id; out[#out + 1] = agent end
   else
     local ak = P .. 'a:' .. id
@@ -241,6 +260,7 @@ for _, m in ipairs(redis.call('ZRANGEBYSCORE', P .. 'deadlines', '-inf', now, 'L
       redis.call('HSET', ak, 'presence', 'available', 'idle_since', now)
       redis.call('HDEL', ak, 'wrapup_until')
       refresh(id)
+      log('presence', '', id, 'available')
       out[#out + 1] = 'wrapped'; out[#out + 1] = id; out[#out + 1] = id
     end
   end
@@ -454,7 +474,7 @@ class Router:
         away. With ``agent``, only if that agent has it."""
         _name(interaction, "interaction id")
         done = bool(await self._call("requeue", interaction, _name(agent, "agent id") if agent else "",
-                                     1 if away else 0))
+                                     1 if away else 0, reason[:64]))
         if done:
             log.info("queue: %s back at the head (%s)", interaction, reason)
             self._emit("queue-requeued", interaction=interaction, agent=agent, reason=reason)

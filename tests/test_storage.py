@@ -65,7 +65,7 @@ async def test_upgrade_creates_the_schema_and_is_idempotent(db_url: str) -> None
     await db.upgrade(db_url)
     first = await _run_sync(db_url, _schema)
     assert first["tables"] == ["alembic_version", "followups", "interaction_steps", "interactions", "links",
-                               "survey_answers"]
+                               "queue_events", "survey_answers"]
     assert first["version"] == [head]
     assert "ix_interactions_asterisk_uniqueid" in first["indexes"]["interactions"]
     assert "ix_interaction_steps_interaction_id" in first["indexes"]["interaction_steps"]
