@@ -18,9 +18,14 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from sqlalchemy import select
 
+from bridge import db
 from bridge.config import PROJECT_DIR, RouterConfig
+from bridge.models import QueueEvent
+from bridge.queue_log import GROUP, QueueLog
 from bridge.router import Router, RouterError, Snapshot
+from bridge.store import InteractionStore
 from tests.conftest import _free_port, _redis_ping
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -233,13 +238,59 @@ def check_invariants(snap: Snapshot) -> None:
         assert state.voice <= state.cap_voice and state.chat <= state.cap_chat, state
 
 
+def replay(events: list[QueueEvent], caps: dict[str, dict[str, int]]) -> dict[str, tuple[str, str | None]]:
+    """Re-run the database's record of the queue, checking every step: an offer only of a waiting interaction,
+    an accept only by the agent offered, no agent above a capacity at any moment. Returns what is still live
+    (interaction -> state, agent)."""
+    live: dict[str, tuple[str, str | None]] = {}
+    channel: dict[str, str] = {}
+    load: Counter[tuple[str, str]] = Counter()
+    for e in events:
+        where = f"event {e.id} {e.kind} {e.interaction_id} {e.agent} {e.detail}"
+        if e.kind in ("login", "presence"):
+            continue
+        assert e.interaction_id is not None, where
+        iid, state = e.interaction_id, live.get(e.interaction_id, ("", None))
+        kind = "voice" if channel.get(iid) == "voice" else "chat"
+        if e.kind == "joined":
+            assert iid not in live, where
+            channel[iid] = e.detail.split()[0]
+            live[iid] = ("queued", None)
+        elif e.kind == "offered":
+            assert state[0] == "queued", f"offered while {state}: {where}"
+            assert e.agent is not None
+            load[(e.agent, kind)] += 1
+            assert load[(e.agent, kind)] <= caps[e.agent][kind], f"{e.agent} above {kind} capacity: {where}"
+            live[iid] = ("offered", e.agent)
+        elif e.kind == "accepted":
+            assert state == ("offered", e.agent), f"accepted while {state}: {where}"
+            live[iid] = ("active", e.agent)
+        elif e.kind == "requeued":
+            assert state[0] in ("offered", "active") and state[1] == e.agent, f"requeued while {state}: {where}"
+            load[(e.agent or "", kind)] -= 1
+            live[iid] = ("queued", None)
+        elif e.kind == "left":
+            assert state[0] == e.detail and state[1] == e.agent, f"left while {state}: {where}"
+            if state[1] is not None:
+                load[(state[1], kind)] -= 1
+            del live[iid]
+    return live
+
+
 async def test_two_processes_assigning_at_once_never_offer_twice_or_exceed_a_capacity(
-        redis_url: str, tmp_path: Path) -> None:
+        redis_url: str, db_url: str, tmp_path: Path) -> None:
     cfg = config(offer_timeout=0.3, wrapup_seconds=0.05)
     router = Router(redis_url, cfg)
+    await db.upgrade(db_url)
+    store = InteractionStore(db_url)
+    await store.start()
+    recorder = QueueLog(redis_url, cfg, store, block=0.1)
+    await recorder.start()
     try:
+        caps = {}
         for i in range(12):
             await agent(router, f"a{i}", [["billing", "tech", "sales"][i % 3], "sales"], chat=1 + i % 4)
+            caps[f"a{i}"] = {"voice": 1, "chat": 1 + i % 4}
         env = {**os.environ, "PYTHONPATH": str(PROJECT_DIR)}
         workers = [await asyncio.create_subprocess_exec(
             sys.executable, str(PROJECT_DIR / "tests" / "router_stress_worker.py"), redis_url, cfg.key_prefix,
@@ -257,7 +308,27 @@ async def test_two_processes_assigning_at_once_never_offer_twice_or_exceed_a_cap
         assert any(number > 1 for _, number in by_offer), "offers were also taken back and made again"
         assert max(by_offer.values()) == 1, "an interaction was offered twice under one offer number"
         assert {o[0][:2] for o in offers} == {"p0", "p1"} and len({o[2] for o in offers}) == 12
+
+        # The database's record, written from the router's stream while both processes ran, says the same.
+        final = await router.snapshot()
+        stream = cfg.key_prefix + "log"
+        deadline = time.monotonic() + 20
+        async with aioredis.Redis.from_url(redis_url, decode_responses=True) as client:
+            while (await client.xpending(stream, GROUP))["pending"] or await client.xlen(stream) > 1 \
+                    or recorder.written == 0:
+                assert time.monotonic() < deadline, f"the queue log did not catch up: {await client.xlen(stream)}"
+                await asyncio.sleep(0.1)
+        assert store.sessions is not None
+        async with store.sessions() as session:
+            events = list((await session.execute(select(QueueEvent).order_by(QueueEvent.id))).scalars())
+        assert len(events) == recorder.written
+        in_db = Counter((e.interaction_id, int(e.detail), e.agent) for e in events if e.kind == "offered")
+        assert in_db == Counter((iid, number, agent_id) for iid, number, agent_id, _ in offers)
+        live = replay(sorted(events, key=lambda e: tuple(map(int, e.id.split("-")))), caps)
+        assert live == {i: (s.state, s.agent) for i, s in final.interactions.items()}
     finally:
+        await recorder.aclose()
+        await store.aclose()
         await router.aclose()
 
 
