@@ -1,5 +1,5 @@
 """``ivr-bridge``: the command line (run, call, flows check, prompts build, asterisk, kannel, db, interactions,
-outbox, report, dev-mail)."""
+outbox, report, queue, agents, dev-mail)."""
 
 from __future__ import annotations
 
@@ -289,6 +289,54 @@ def cmd_queue(args: argparse.Namespace) -> int:
     return int(asyncio.run(show()))
 
 
+def _read_password(from_stdin: bool) -> str:
+    """One line from stdin (scripts), or typed twice at a prompt; never from the command line."""
+    import getpass
+
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    first = getpass.getpass("password: ")
+    if getpass.getpass("again: ") != first:
+        raise ValueError("the two passwords differ")
+    return first
+
+
+def cmd_agents(args: argparse.Namespace) -> int:
+    """Agents, supervisors and admins of the desktop: add, list, passwd, disable, enable."""
+    from bridge import db
+    from bridge.agents import AgentDirectory, AgentError
+
+    config = _config(args)
+
+    async def work(store: Any) -> int:
+        directory = AgentDirectory(store)
+        if args.agents_command == "list":
+            print(f"{'agent':<20} {'role':<11} {'voice':>5} {'chats':>5}  {'phone':<12} {'state':<8} skills")
+            for a in await directory.list():
+                print(f"{a.id:<20} {a.role:<11} {a.voice_capacity:>5} {a.chat_capacity:>5}  {a.phone or '-':<12} "
+                      f"{'disabled' if a.disabled else 'active':<8} {a.skills.replace(',', ', ') or '-'}")
+        elif args.agents_command == "add":
+            skills = [s for s in (args.skills or "").split(",") if s]
+            await directory.add(args.agent, _read_password(args.password_stdin), role=args.role,
+                                display_name=args.name or "", skills=skills, voice=args.voice, chat=args.chat,
+                                phone=args.phone, language=args.language)
+            print(f"added {args.role} {args.agent}")
+        elif args.agents_command == "passwd":
+            await directory.set_password(args.agent, _read_password(args.password_stdin))
+            print(f"password of {args.agent} changed")
+        else:
+            await directory.set_disabled(args.agent, args.agents_command == "disable")
+            print(f"{args.agent} {args.agents_command}d")
+        return 0
+
+    try:
+        asyncio.run(db.upgrade(config.database_url))
+        return int(asyncio.run(_with_store(config, work)))
+    except (AgentError, ValueError) as exc:
+        print(f"ivr-bridge agents: {exc}", file=sys.stderr)
+        return 1
+
+
 def cmd_dev_mail(args: argparse.Namespace) -> int:
     from email_out.devsink import main as sink_main
 
@@ -389,6 +437,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("queue", parents=[common], help="the live queue per skill and the agents (supervisor view)") \
         .set_defaults(func=cmd_queue)
 
+    agents = sub.add_parser("agents", help="agents, supervisors and admins of the desktop")
+    agents_sub = agents.add_subparsers(dest="agents_command", required=True)
+    agents_sub.add_parser("list", parents=[common], help="everyone with role, capacities, phone and skills") \
+        .set_defaults(func=cmd_agents)
+    add = agents_sub.add_parser("add", parents=[common], help="add someone (the password is asked for)")
+    add.add_argument("agent", help="login name: letters, digits, _.@-")
+    add.add_argument("--name", help="display name")
+    add.add_argument("--role", choices=["agent", "supervisor", "admin"], default="agent")
+    add.add_argument("--skills", help="comma-separated, e.g. billing,tech")
+    add.add_argument("--voice", type=int, default=1, help="calls at once (0 or 1)")
+    add.add_argument("--chat", type=int, default=4, help="chats at once (0-10)")
+    add.add_argument("--phone", help="the PJSIP endpoint that rings for this agent")
+    add.add_argument("--language", choices=["en", "zh-CN"], default="en")
+    add.add_argument("--password-stdin", action="store_true", help="read the password as one line from stdin")
+    add.set_defaults(func=cmd_agents)
+    for name, what in (("passwd", "set a new password"), ("disable", "refuse their logins"),
+                       ("enable", "allow their logins again")):
+        one = agents_sub.add_parser(name, parents=[common], help=what)
+        one.add_argument("agent")
+        if name == "passwd":
+            one.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+        one.set_defaults(func=cmd_agents)
     sub.add_parser("dev-mail", parents=[common], help="run the dev mail sink (SMTP on email.host:email.port)") \
         .set_defaults(func=cmd_dev_mail)
 

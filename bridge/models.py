@@ -6,7 +6,7 @@ import datetime as dt
 import enum
 import uuid
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -163,3 +163,22 @@ class QueueEvent(Base):
     interaction_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     agent: Mapped[str | None] = mapped_column(String(64), nullable=True)
     detail: Mapped[str] = mapped_column(String(256), default="")
+
+
+class Agent(Base):
+    """A person who logs in to the desktop: an agent, a supervisor or an admin (bridge/agents.py)."""
+
+    __tablename__ = "agents"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)          # the login name
+    display_name: Mapped[str] = mapped_column(String(128), default="")
+    role: Mapped[str] = mapped_column(String(16), default="agent")         # agent | supervisor | admin
+    password_hash: Mapped[str] = mapped_column(String(256))                # argon2id, never the password
+    skills: Mapped[str] = mapped_column(String(512), default="")           # comma-separated
+    voice_capacity: Mapped[int] = mapped_column(Integer, default=1)
+    chat_capacity: Mapped[int] = mapped_column(Integer, default=4)
+    phone: Mapped[str | None] = mapped_column(String(40), nullable=True)   # the PJSIP endpoint that rings
+    language: Mapped[str] = mapped_column(String(8), default="en")         # of the desktop: en | zh-CN
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    password_changed_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
