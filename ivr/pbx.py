@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from bridge.config import PROJECT_DIR, AsteriskConfig
-from ivr import safe
+from ivr import moh, safe
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,7 @@ class AsteriskInstance:
             "TRUNK_MATCH": cfg.trunk_match,
             "SOFTPHONE_PASSWORD": cfg.softphone_password,
             "PROMPT_DIR": cfg.prompt_dir,
+            "MOH_DIR": f"{cfg.instance_dir}/moh",
             "HEARTBEAT_MAX": str(cfg.heartbeat_max),
             "HOTLINE_EXTENSIONS": extensions,
         }
@@ -90,6 +91,7 @@ class AsteriskInstance:
         etc = self.host_dir / "etc"
         for sub in ("etc", "log", "run", "spool", "db", "cache", "prompts"):
             (self.host_dir / sub).mkdir(parents=True, exist_ok=True)
+        moh.install(self.host_dir / "moh")
         for template in sorted(CONF_DIR.glob("*.conf")):
             try:
                 text = string.Template(template.read_text(encoding="utf-8")).substitute(variables)
