@@ -35,8 +35,10 @@ from typing import Any
 import pytest
 from panoramisk.message import Message
 
+from bridge import db
 from bridge.app import App
 from bridge.config import PROJECT_DIR, AsteriskConfig, Config, KannelConfig, TtsConfig
+from bridge.store import InteractionStore
 from ivr.flow import load_flows
 from ivr.pbx import AsteriskInstance
 from ivr.prompts import PromptLibrary
@@ -198,6 +200,18 @@ async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
         return
     async with pg_schema(pg_base_url()) as url:
         yield url
+
+
+@pytest.fixture
+async def store(db_url: str) -> AsyncIterator[InteractionStore]:
+    """A started store on a migrated database, once per back end (``db_url``)."""
+    await db.upgrade(db_url)
+    store = InteractionStore(db_url)
+    await store.start()
+    try:
+        yield store
+    finally:
+        await store.aclose()
 
 
 # ------------------------------------------------------------------------------------------------ helpers

@@ -4,28 +4,17 @@ values, re-hashing, and the ``ivr-bridge agents`` command."""
 from __future__ import annotations
 
 import io
-from collections.abc import AsyncIterator
 
 import pytest
 from argon2 import PasswordHasher
 from sqlalchemy import func, select
 
-from bridge import db
 from bridge.agents import AgentDirectory, AgentError
 from bridge.models import Agent
 from bridge.store import InteractionStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 PASSWORD = "correct horse battery"
-
-
-@pytest.fixture
-async def store(db_url: str) -> AsyncIterator[InteractionStore]:
-    await db.upgrade(db_url)
-    store = InteractionStore(db_url)
-    await store.start()
-    yield store
-    await store.aclose()
 
 
 async def count(store: InteractionStore) -> int:

@@ -11,14 +11,13 @@ import concurrent.futures
 import datetime as dt
 import sqlite3
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from bridge import db
 from bridge import outbox as outbox_module
 from bridge.config import OutboxConfig
 from bridge.models import FollowUp, FollowUpState, new_id, utcnow
@@ -73,15 +72,6 @@ def row(key: str | None = None, channel: str = "sms", **extra: Any) -> dict[str,
 def fast(**overrides: Any) -> OutboxConfig:
     return OutboxConfig(**{"poll_interval": 0.05, "backoff_base": 0.02, "backoff_max": 0.1, "lease": 30.0,
                            "verify_timeout": 0.3, "max_attempts": 3, **overrides})
-
-
-@pytest.fixture
-async def store(db_url: str) -> AsyncIterator[InteractionStore]:
-    await db.upgrade(db_url)
-    store = InteractionStore(db_url)
-    await store.start()
-    yield store
-    await store.aclose()
 
 
 async def enqueue(store: InteractionStore, rows: list[dict[str, Any]]) -> None:

@@ -12,7 +12,6 @@ import pytest
 import redis.asyncio as aioredis
 from sqlalchemy import select
 
-from bridge import db
 from bridge.config import RouterConfig
 from bridge.models import QueueEvent
 from bridge.queue_log import GROUP, QueueLog, event_row
@@ -20,15 +19,6 @@ from bridge.router import Router
 from bridge.store import InteractionStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
-
-
-@pytest.fixture
-async def store(db_url: str) -> AsyncIterator[InteractionStore]:
-    await db.upgrade(db_url)
-    store = InteractionStore(db_url)
-    await store.start()
-    yield store
-    await store.aclose()
 
 
 @pytest.fixture

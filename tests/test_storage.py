@@ -49,17 +49,6 @@ def _diff_against_models(conn: Connection) -> list[Any]:
     return list(compare_metadata(context, Base.metadata))
 
 
-@pytest.fixture
-async def store(db_url: str) -> Any:
-    await db.upgrade(db_url)
-    store = InteractionStore(db_url)
-    await store.start()
-    try:
-        yield store
-    finally:
-        await store.aclose()
-
-
 async def test_upgrade_creates_the_schema_and_is_idempotent(db_url: str) -> None:
     head = ScriptDirectory.from_config(db._alembic_config()).get_current_head()
     await db.upgrade(db_url)
