@@ -20,9 +20,11 @@ State: ``--agents`` agents logged in with 2-3 of 5 skills (voice capacity 1, cha
     ``call_blocks_chats`` - are counted); not timed. Then one ``assign(most=1)`` is timed, which must make exactly
     one offer; the offered interaction is replaced by a new one with its channel and skill (not timed; the backlog
     keeps its size and mix), and, as the router's loop does (``while await self.assign(): pass``), assignments
-    follow until one finds nothing: that "closing assign" looks at all of the queue it scans (timed apart).
-    The timed assignment scans the queue from its head until it meets an interaction an agent with room can take,
-    checking every available agent for each.
+    follow until one finds nothing: that "closing assign" looks at most at the whole scanned part of the queue,
+    nothing when no agent has room (timed apart).
+    The timed assignment reads the queue from its head (in growing chunks) until it meets an interaction an agent
+    with room can take (the most idle one with the skill: the first of the router's sorted sets of agents with
+    room; a channel and skill nobody can take is looked for once).
   * ``--state idle``: agents have room; each iteration ends the previous offer, times one assignment (the head of
     the queue goes to the most idle agent) and enqueues a replacement.
 
@@ -435,7 +437,9 @@ class Bench:
         skipped = await self.free_one(probe)
         head: list[str] = []
         if probe:
-            head = [str(iid) for iid in await self.redis.zrange(KEY_PREFIX + "queue", 0, self.config.scan_limit - 1)]
+            # the queue's members are "iid channel skill" (bridge/router.py)
+            head = [str(m).split(" ", 1)[0]
+                    for m in await self.redis.zrange(KEY_PREFIX + "queue", 0, self.config.scan_limit - 1)]
             s0 = await self.commandstats()
         t0 = time.perf_counter()
         offers = await self.router.assign(most=1)
@@ -654,7 +658,7 @@ def print_report(info: dict[str, Any], rounds: list[Round], diag: Diagnosis | No
                   f"interactions looked at ({info['agents']} agents)")
         if e["n"]:
             looked = min(info["scan_limit"], info["backlog"])
-            print(f"    the loop's closing assign (nothing to offer, looks at all {looked}): server p50 "
+            print(f"    the loop's closing assign (nothing to offer; looks at most at {looked}): server p50 "
                   f"{e['p50']:.0f} us, p99 {e['p99']:.0f} us; client p50 {ec['p50']:.3f} ms, p99 {ec['p99']:.3f} ms")
         print(f"    finish server p50 {s['finish_server_us']['p50']:.0f} us, enqueue server p50 "
               f"{s['enqueue_server_us']['p50']:.0f} us"

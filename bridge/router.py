@@ -47,8 +47,9 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")  # interaction ids, ag
 MAX_PRIORITY = 9
 
 # ------------------------------------------------------------------------------------------------- Lua
-# Every script takes the key prefix as ARGV[1] and the time in milliseconds as ARGV[2].
-_COMMON = """
+# Every script takes the key prefix as ARGV[1] and the time in milliseconds as ARGV[2]. _BASE is what an assignment
+# needs; the other scripts take all of _COMMON (a script pays for every function it defines, on every call).
+_BASE = """
 local P = ARGV[1]
 local now = tonumber(ARGV[2])
 local function kind(channel) if channel == 'voice' then return 'voice' end return 'chat' end
@@ -56,20 +57,29 @@ local function kind(channel) if channel == 'voice' then return 'voice' end retur
 local function log(what, iid, agent, detail)
   redis.call('XADD', P .. 'log', '*', 'kind', what, 'interaction', iid, 'agent', agent, 'detail', detail, 'at', now)
 end
--- "ready" maps the agents an offer may go to now (available, room on a channel) to what an assignment needs of
--- them, "voice chat cap_voice cap_chat idle_since ,skills,": one HGETALL instead of a call per agent
+-- The agents an offer may go to now (available, room on a channel) are in three sorted sets: "rv" with room for a
+-- call, "rc" for a chat, "rn" for a chat and no call in hand (what call_blocks_chats asks). A member is
+-- "agent ,skills,", scored (interactions in hand) * 1e13 + idle_since: the first member with the skill is the most
+-- idle eligible agent, found without reading any agent's hash.
+local function index(agent, voice, chat, cap_voice, cap_chat, idle, skills, available)
+  local m = agent .. ' ' .. skills
+  local voice_room, chat_room = available and voice < cap_voice, available and chat < cap_chat
+  local score = string.format('%d', (voice + chat) * 1e13 + idle)
+  if voice_room then redis.call('ZADD', P .. 'rv', score, m) else redis.call('ZREM', P .. 'rv', m) end
+  if chat_room then redis.call('ZADD', P .. 'rc', score, m) else redis.call('ZREM', P .. 'rc', m) end
+  if chat_room and voice <= 0 then redis.call('ZADD', P .. 'rn', score, m) else redis.call('ZREM', P .. 'rn', m) end
+end
+"""
+_COMMON = _BASE + """
 local function refresh(agent)
   local f = redis.call('HMGET', P .. 'a:' .. agent, 'presence', 'voice', 'chat', 'cap_voice', 'cap_chat',
                        'idle_since', 'skills')
-  local voice, chat = tonumber(f[2]) or 0, tonumber(f[3]) or 0
-  local cap_voice, cap_chat = tonumber(f[4]) or 0, tonumber(f[5]) or 0
-  if f[1] == 'available' and (voice < cap_voice or chat < cap_chat) then
-    redis.call('HSET', P .. 'ready', agent, string.format('%d %d %d %d %d %s', voice, chat, cap_voice, cap_chat,
-                                                          tonumber(f[6]) or 0, f[7] or ','))
-  else
-    redis.call('HDEL', P .. 'ready', agent)
-  end
+  index(agent, tonumber(f[2]) or 0, tonumber(f[3]) or 0, tonumber(f[4]) or 0, tonumber(f[5]) or 0,
+        tonumber(f[6]) or 0, f[7] or ',', f[1] == 'available')
 end
+-- a member of the queue: "iid channel skill" (a space sorts before every character of a name, so members of
+-- equal score keep the order of their ids)
+local function member(iid, channel, skill) return iid .. ' ' .. channel .. ' ' .. skill end
 local function release(agent, channel)
   local ak = P .. 'a:' .. agent
   if redis.call('HINCRBY', ak, kind(channel), -1) < 0 then redis.call('HSET', ak, kind(channel), 0) end
@@ -78,14 +88,14 @@ end
 -- back to the head of the queue; the agent who had it loses it (and is set away if asked)
 local function requeue(iid, away, reason)
   local ik = P .. 'i:' .. iid
-  local f = redis.call('HMGET', ik, 'state', 'agent', 'channel', 'score')
+  local f = redis.call('HMGET', ik, 'state', 'agent', 'channel', 'score', 'skill')
   if f[1] ~= 'offered' and f[1] ~= 'active' then return false end
   local score = tonumber(f[4])
   local head = redis.call('ZRANGE', P .. 'queue', 0, 0, 'WITHSCORES')
   if head[2] and tonumber(head[2]) <= score then score = tonumber(head[2]) - 1 end
   redis.call('HSET', ik, 'state', 'queued', 'score', score)
   redis.call('HDEL', ik, 'agent', 'deadline', 'offered_at', 'accepted_at')
-  redis.call('ZADD', P .. 'queue', score, iid)
+  redis.call('ZADD', P .. 'queue', score, member(iid, f[3], f[5]))
   redis.call('ZREM', P .. 'deadlines', 'o:' .. iid)
   log('requeued', iid, f[2], reason)
   local ak = P .. 'a:' .. f[2]
@@ -105,7 +115,7 @@ if redis.call('EXISTS', ik) == 1 then return 0 end
 local score = now - tonumber(ARGV[6]) * 1e12
 redis.call('HSET', ik, 'channel', ARGV[4], 'skill', ARGV[5], 'priority', ARGV[6], 'score', score,
            'state', 'queued', 'queued_at', now, 'offers', 0)
-redis.call('ZADD', P .. 'queue', score, ARGV[3])
+redis.call('ZADD', P .. 'queue', score, member(ARGV[3], ARGV[4], ARGV[5]))
 redis.call('SADD', P .. 'live', ARGV[3])
 log('joined', ARGV[3], '', ARGV[4] .. ' ' .. ARGV[5] .. ' ' .. ARGV[6])
 return 1
@@ -113,56 +123,65 @@ return 1
 
 # ARGV: prefix, now, offer timeout ms, scan limit, call blocks chats (1/0), most offers.
 # Returns iid, agent, channel, offer number, ... for each offer made.
-_ASSIGN = _COMMON + """
+# The queue is read from its head in growing chunks (the interaction offered is usually among the first few); the
+# agents with room come from the sorted sets kept by index(), most idle first; a channel and skill found with nobody
+# eligible is not looked for again in this call (an offer only ever takes room away).
+_ASSIGN = _BASE + """
 local timeout = tonumber(ARGV[3])
+local limit = tonumber(ARGV[4])
 local blocks = ARGV[5] == '1'
 local most = tonumber(ARGV[6])
 local out = {}
-if redis.call('ZCARD', P .. 'queue') == 0 then return out end
-local agents = {}
-local ready = redis.call('HGETALL', P .. 'ready')
-for i = 1, #ready, 2 do
-  local voice, chat, cap_voice, cap_chat, idle, skills = string.match(ready[i + 1],
-                                                                      '^(%d+) (%d+) (%d+) (%d+) (%d+) (.*)$')
-  agents[#agents + 1] = {id = ready[i], skills = skills, cap_voice = tonumber(cap_voice),
-                         cap_chat = tonumber(cap_chat), voice = tonumber(voice), chat = tonumber(chat),
-                         idle = tonumber(idle)}
-end
-local function room(a, voice)
-  if voice then return a.voice < a.cap_voice end
-  return a.chat < a.cap_chat and not (blocks and a.voice > 0)
-end
-for _, iid in ipairs(redis.call('ZRANGE', P .. 'queue', 0, tonumber(ARGV[4]) - 1)) do
-  if #agents == 0 then break end
-  local ik = P .. 'i:' .. iid
-  local f = redis.call('HMGET', ik, 'channel', 'skill')
-  local voice = f[1] == 'voice'
-  local want = ',' .. (f[2] or '') .. ','
-  local best, at = nil, 0
-  for i, a in ipairs(agents) do
-    if room(a, voice) and string.find(a.skills, want, 1, true) then
-      local load, best_load = a.voice + a.chat, best and (best.voice + best.chat)
-      if best == nil or load < best_load or (load == best_load and a.idle < best.idle) then best, at = a, i end
+local chats = P .. (blocks and 'rn' or 'rc')
+local voices, texts = redis.call('ZRANGE', P .. 'rv', 0, -1), redis.call('ZRANGE', chats, 0, -1)
+if #voices == 0 and #texts == 0 then return out end
+local nobody = {}     -- "channel skill" -> true: nobody eligible
+local seen, taken, chunk = 0, 0, 8
+while seen < limit do
+  local upto = math.min(seen + chunk, limit)
+  local members = redis.call('ZRANGE', P .. 'queue', seen - taken, upto - taken - 1)
+  for _, m in ipairs(members) do
+    local sp = string.find(m, ' ', 1, true)
+    local what = string.sub(m, sp + 1)
+    if not nobody[what] then
+      local sp2 = string.find(what, ' ', 1, true)
+      local channel, skill = string.sub(what, 1, sp2 - 1), string.sub(what, sp2 + 1)
+      local voice = channel == 'voice'
+      local want = ',' .. skill .. ','
+      local best
+      for _, c in ipairs(voice and voices or texts) do
+        if string.find(c, want, 1, true) then best = string.sub(c, 1, string.find(c, ' ', 1, true) - 1); break end
+      end
+      if best then
+        local iid = string.sub(m, 1, sp - 1)
+        local ik, ak = P .. 'i:' .. iid, P .. 'a:' .. best
+        local n = redis.call('HINCRBY', ik, 'offers', 1)
+        redis.call('HSET', ik, 'state', 'offered', 'agent', best, 'offered_at', now, 'deadline', now + timeout)
+        redis.call('ZREM', P .. 'queue', m)
+        taken = taken + 1
+        redis.call('ZADD', P .. 'deadlines', now + timeout, 'o:' .. iid)
+        local a = redis.call('HMGET', ak, 'presence', 'voice', 'chat', 'cap_voice', 'cap_chat', 'skills')
+        local held_voice, held_chat = tonumber(a[2]) or 0, tonumber(a[3]) or 0
+        if voice then held_voice = held_voice + 1 else held_chat = held_chat + 1 end
+        redis.call('HSET', ak, kind(channel), voice and held_voice or held_chat, 'idle_since', now)
+        index(best, held_voice, held_chat, tonumber(a[4]) or 0, tonumber(a[5]) or 0, now, a[6] or ',',
+              a[1] == 'available')
+        log('offered', iid, best, tostring(n))
+        out[#out + 1] = iid
+        out[#out + 1] = best
+        out[#out + 1] = channel
+        out[#out + 1] = n
+        if #out >= most * 4 then return out end
+        voices, texts = redis.call('ZRANGE', P .. 'rv', 0, -1), redis.call('ZRANGE', chats, 0, -1)
+        if #voices == 0 and #texts == 0 then return out end
+      else
+        nobody[what] = true
+      end
     end
   end
-  if best then
-    local n = redis.call('HINCRBY', ik, 'offers', 1)
-    redis.call('HSET', ik, 'state', 'offered', 'agent', best.id, 'offered_at', now, 'deadline', now + timeout)
-    redis.call('ZREM', P .. 'queue', iid)
-    redis.call('ZADD', P .. 'deadlines', now + timeout, 'o:' .. iid)
-    if voice then best.voice = best.voice + 1 else best.chat = best.chat + 1 end
-    best.idle = now
-    redis.call('HINCRBY', P .. 'a:' .. best.id, kind(f[1]), 1)
-    redis.call('HSET', P .. 'a:' .. best.id, 'idle_since', now)
-    refresh(best.id)
-    log('offered', iid, best.id, tostring(n))
-    if not room(best, true) and not room(best, false) then table.remove(agents, at) end
-    out[#out + 1] = iid
-    out[#out + 1] = best.id
-    out[#out + 1] = f[1]
-    out[#out + 1] = n
-    if #out >= most * 4 then break end
-  end
+  if #members < upto - seen then break end   -- the end of the queue
+  seen = upto
+  chunk = chunk * 2
 end
 return out
 """
@@ -190,13 +209,13 @@ return 0
 # ARGV: prefix, now, iid, wrap-up ms. Returns the state it ended from ('' if unknown) and the agent ('' if none).
 _FINISH = _COMMON + """
 local ik = P .. 'i:' .. ARGV[3]
-local f = redis.call('HMGET', ik, 'state', 'agent', 'channel')
+local f = redis.call('HMGET', ik, 'state', 'agent', 'channel', 'skill')
 if not f[1] then return {'', ''} end
 redis.call('DEL', ik)
 redis.call('SREM', P .. 'live', ARGV[3])
 log('left', ARGV[3], f[2] or '', f[1])
 if f[1] == 'queued' then
-  redis.call('ZREM', P .. 'queue', ARGV[3])
+  redis.call('ZREM', P .. 'queue', member(ARGV[3], f[3], f[4]))
   return {'queued', ''}
 end
 redis.call('ZREM', P .. 'deadlines', 'o:' .. ARGV[3])
@@ -215,6 +234,8 @@ return {f[1], f[2]}
 # ARGV: prefix, now, agent, skills (",a,b,"), voice capacity, chat capacity.
 _LOGIN = _COMMON + """
 local ak = P .. 'a:' .. ARGV[3]
+local old = redis.call('HGET', ak, 'skills')
+if old then index(ARGV[3], 0, 0, 0, 0, 0, old, false) end   -- out of the sets under the skills it had
 redis.call('HSET', ak, 'skills', ARGV[4], 'cap_voice', ARGV[5], 'cap_chat', ARGV[6])
 if redis.call('HSETNX', ak, 'presence', 'away') == 1 or redis.call('HGET', ak, 'presence') == 'offline' then
   redis.call('HSET', ak, 'presence', 'away', 'voice', 0, 'chat', 0, 'idle_since', now)
@@ -271,6 +292,8 @@ return out
 # ARGV: prefix, now. Everything at one instant: the queue's ids in order, every interaction the router holds and
 # every agent logged in (with their fields as flat name/value lists).
 _SNAPSHOT = _COMMON + """
+local queue = {}
+for i, m in ipairs(redis.call('ZRANGE', P .. 'queue', 0, -1)) do queue[i] = string.match(m, '^[^ ]+') end
 local items = {}
 for _, iid in ipairs(redis.call('SMEMBERS', P .. 'live')) do
   items[#items + 1] = {iid, redis.call('HGETALL', P .. 'i:' .. iid)}
@@ -279,7 +302,11 @@ local agents = {}
 for _, a in ipairs(redis.call('SMEMBERS', P .. 'agents')) do
   agents[#agents + 1] = {a, redis.call('HGETALL', P .. 'a:' .. a)}
 end
-return {redis.call('ZRANGE', P .. 'queue', 0, -1), items, agents, redis.call('HKEYS', P .. 'ready')}
+local ready = {}
+for _, key in ipairs({'rv', 'rc'}) do
+  for _, m in ipairs(redis.call('ZRANGE', P .. key, 0, -1)) do ready[#ready + 1] = string.match(m, '^[^ ]+') end
+end
+return {queue, items, agents, ready}
 """
 
 

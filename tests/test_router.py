@@ -304,7 +304,7 @@ async def test_two_processes_assigning_at_once_never_offer_twice_or_exceed_a_cap
         check_invariants(await router.snapshot())
         offers = [tuple(o) for n in range(2) for o in json.loads((tmp_path / f"p{n}.json").read_text())]
         by_offer = Counter((iid, number) for iid, number, _, _ in offers)
-        assert len(offers) > 300 and checks > 20, (len(offers), checks)
+        assert len(offers) > 200 and checks > 20, (len(offers), checks)  # enough traffic to mean something
         assert any(number > 1 for _, number in by_offer), "offers were also taken back and made again"
         assert max(by_offer.values()) == 1, "an interaction was offered twice under one offer number"
         assert {o[0][:2] for o in offers} == {"p0", "p1"} and len({o[2] for o in offers}) == 12
