@@ -11,7 +11,6 @@ from the stream; unread ones never are.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import logging
 import os
@@ -24,6 +23,7 @@ from sqlalchemy import Table
 from sqlalchemy.dialects import postgresql, sqlite
 
 from bridge.models import QueueEvent
+from bridge.router import wait_or_cancel
 
 if TYPE_CHECKING:
     from bridge.config import RouterConfig
@@ -78,12 +78,7 @@ class QueueLog:
         if self._task is not None:
             # Asked to stop (a blocked XREADGROUP ends within ``block``), cancelled only if stuck: see Router.
             self._stopping = True
-            try:
-                await asyncio.wait_for(asyncio.shield(self._task), self.block + 5)
-            except TimeoutError:
-                self._task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._task
+            await wait_or_cancel(self._task, self.block + 5)
             self._task = None
         if self._own_redis:
             await self._redis.aclose()

@@ -381,6 +381,16 @@ class Snapshot:
 Listener = Callable[[str, dict[str, Any]], None]
 
 
+async def wait_or_cancel(task: asyncio.Task[None], timeout: float) -> None:
+    """Wait for a task that was asked to stop; cancel it only if it has not ended within ``timeout``."""
+    try:
+        await asyncio.wait_for(asyncio.shield(task), timeout)
+    except TimeoutError:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 class Router:
     """Queue, offers, presence and capacities in Redis; ``start()`` runs the loop that makes offers and expires
     them (every process may run one: the scripts keep them from getting in each other's way)."""
@@ -412,12 +422,7 @@ class Router:
             # can swallow a cancellation (CPython gh-86296), and the loop would go on. Cancelled only if stuck.
             self._stopping = True
             self._wake.set()
-            try:
-                await asyncio.wait_for(asyncio.shield(self._task), 5)
-            except TimeoutError:
-                self._task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._task
+            await wait_or_cancel(self._task, 5)
             self._task = None
         if self._own_redis:
             await self._redis.aclose()
