@@ -330,7 +330,8 @@ class Bench:
         self.monitor_secret = secrets.token_hex(16)
         self.asterisk = AsteriskConfig(instance=INSTANCE, ami_port=AMI_PORT, sip_port=SIP_PORT,
                                        rtp_start=RTP_START, rtp_end=RTP_END, ami_secret=self.ami_secret,
-                                       softphone_password=secrets.token_hex(16))
+                                       softphone_password=secrets.token_hex(16),
+                                       agent_phone_secret=secrets.token_hex(16))
         self.pbx = AsteriskInstance(self.asterisk, [IVR_NUMBER])
         self.redis: subprocess.Popen[bytes] | None = None
         self.bridge: subprocess.Popen[bytes] | None = None

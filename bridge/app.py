@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bridge import db
+from bridge.agents import AgentDirectory
+from bridge.chat import ChatService
 from bridge.config import Config
 from bridge.events import EventBus
 from bridge.followups import FollowUpService
@@ -23,6 +25,7 @@ from bridge.ratelimit import RateLimiter
 from bridge.router import Router
 from bridge.store import InteractionStore
 from ivr.ami import AmiClient, AmiSettings
+from ivr.callback import CallbackDialer
 from ivr.engine import FlowRegistry, IvrEngine
 from ivr.flow import FlowError, Problem
 from ivr.prompts import PromptLibrary
@@ -62,6 +65,8 @@ class App:
         self.limiter = RateLimiter(cfg.redis.url)
         self.router = Router(cfg.redis.url, cfg.router, self.bus)
         self.queue_log = QueueLog(cfg.redis.url, cfg.router, self.store)
+        self.chat = ChatService(self.store, cfg.redis.url, self.router, channel=cfg.redis.events_channel + ":chat",
+                                skill=cfg.web.chat_skill)
         if len(cfg.links.secret) < 16:
             raise RuntimeError("no link secret configured (run `ivr-bridge setup-secrets` or set "
                                "IVR_BRIDGE__LINKS__SECRET)")
@@ -70,8 +75,11 @@ class App:
         self.outbox = Outbox(self.store, self.bus)
         if cfg.outbox.enabled:
             self.dispatcher = Dispatcher(self.outbox, self._gateways(), cfg.outbox)
+        self.agents = AgentDirectory(self.store)
+        self.callbacks = CallbackDialer(self.ami, self.router, self.agents, self.store, cfg.asterisk,
+                                        cfg.flows.default_region)
         self.engine = IvrEngine(cfg, self.ami, self.flows, self.store, self.prompts, self.bus, self.followups,
-                                self.wake_dispatcher)
+                                self.wake_dispatcher, self.router, self.agents, self.callbacks)
 
     def wake_dispatcher(self) -> None:
         if self.dispatcher is not None:
@@ -110,7 +118,8 @@ class App:
                                      followups=self.followups, catalogue=lambda: self.flows.catalogue,
                                      signer=self.followups.signer, limiter=self.limiter, verify_dlr=verify,
                                      dev_inbox=self.dev_inbox if self.config.web.dev_pages else None,
-                                     on_enqueued=self.wake_dispatcher))
+                                     on_enqueued=self.wake_dispatcher, router=self.router, bus=self.bus,
+                                     agents=self.agents, chat=self.chat))
 
     async def dev_inbox(self) -> dict[str, list[dict[str, Any]]]:
         """What the dev sinks received: the fake SMSC's messages and the dev mail sink's files."""
@@ -136,10 +145,12 @@ class App:
         await self._start(self.limiter.start, self.limiter.aclose)
         await self._start(self.router.start, self.router.aclose)
         await self._start(self.queue_log.start, self.queue_log.aclose)
+        await self._start(self.chat.start, self.chat.aclose)
         await asyncio.to_thread(self.prompts.build, self.flows.flows.values(), False)
         self._closers.append(self._close_prompts)
         await self._start(self.engine.start, self.engine.aclose)
         await self._start(self.ami.start, self.ami.aclose)
+        await self._start(self.callbacks.start, self.callbacks.aclose)
         await self._start(lambda: self.flows.start(self.config.flows.reload_interval), self.flows.aclose)
         if self.dispatcher is not None:
             await self._start(self.dispatcher.start, self.dispatcher.aclose)

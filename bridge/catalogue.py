@@ -62,7 +62,8 @@ class EmailTemplate(_Strict):
 
 class MessageModel(_Strict):
     description: str = ""
-    links_to: Literal["article", "help", "survey"] | None = None  # default: the article if it names one, else help
+    # default: the article if it names one, else help; "chat" opens a web chat on the interaction it was sent in
+    links_to: Literal["article", "help", "survey", "chat"] | None = None
     sms: Texts | None = None
     email: EmailTemplate | None = None
 
@@ -99,7 +100,7 @@ class Rendered:
 @dataclass
 class Message:
     """A message template; ``needs_article`` when it uses the article's title or summary; its link opens
-    ``links_to`` (the article it is sent about, the help centre or the survey)."""
+    ``links_to`` (the article it is sent about, the help centre, the survey or a chat on the same interaction)."""
 
     name: str
     sms: dict[str, jinja2.Template]

@@ -337,6 +337,22 @@ def cmd_agents(args: argparse.Namespace) -> int:
         return 1
 
 
+def cmd_phone_password(args: argparse.Namespace) -> int:
+    """Print the SIP credentials of one agent desk phone (for provisioning the phone)."""
+    from bridge.config import ensure_secrets
+
+    config = _config(args)
+    ast = config.asterisk
+    if args.phone not in ast.agent_phones:
+        print(f"ivr-bridge agents: {args.phone!r:.60} is not in asterisk.agent_phones "
+              f"({', '.join(ast.agent_phones) or 'none'})", file=sys.stderr)
+        return 1
+    ensure_secrets(config)
+    print(f"user {args.phone}  password {ast.agent_phone_password(args.phone)}  realm ivr-bridge  "
+          f"registrar sip:{ast.sip_bind}:{ast.sip_port}")
+    return 0
+
+
 def cmd_dev_mail(args: argparse.Namespace) -> int:
     from email_out.devsink import main as sink_main
 
@@ -459,6 +475,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "passwd":
             one.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
         one.set_defaults(func=cmd_agents)
+    phone = agents_sub.add_parser("phone-password", parents=[common],
+                                  help="the SIP user and password of an agent desk phone (asterisk.agent_phones)")
+    phone.add_argument("phone")
+    phone.set_defaults(func=cmd_phone_password)
     sub.add_parser("dev-mail", parents=[common], help="run the dev mail sink (SMTP on email.host:email.port)") \
         .set_defaults(func=cmd_dev_mail)
 

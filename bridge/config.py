@@ -8,13 +8,17 @@ with mode 0600 and which is never committed.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import os
+import re
 import secrets as _secrets
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
@@ -61,6 +65,16 @@ class AsteriskConfig(Section):
     rtp_end: int = 10999
     trunk_match: str = "127.0.0.1"
     softphone_password: str = ""
+    # The agents' desk phones (PJSIP endpoints with md5 digest credentials); each phone's password is derived
+    # from agent_phone_secret (`ivr-bridge agents phone-password <phone>` prints it for provisioning).
+    agent_phones: list[Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$")]] = Field(
+        default_factory=lambda: ["agent1", "agent2", "agent3", "agent4"], max_length=500)
+    agent_phone_secret: str = ""
+    # Callbacks: Asterisk calls the customer through this endpoint at sip:<E.164>@callback_host ("" = callbacks
+    # off: the queue node tells callers it cannot call back).
+    callback_trunk: str = Field(default="hotline-trunk", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    callback_host: str = Field(default="", pattern=r"^([A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?)?$")
+    callback_ring_seconds: int = Field(default=30, ge=5, le=120)
     heartbeat_interval: float = 3.0
     heartbeat_max: int = 12
     ami_timeout: float = 5.0
@@ -74,6 +88,13 @@ class AsteriskConfig(Section):
     @property
     def prompt_dir(self) -> str:
         return f"{self.instance_dir}/prompts"
+
+    def agent_phone_password(self, phone: str) -> str:
+        """The SIP password of one agent phone, derived from ``agent_phone_secret``."""
+        if len(self.agent_phone_secret) < 16:
+            raise ConfigError("no agent phone secret (run `ivr-bridge setup-secrets`)")
+        digest = hmac.new(self.agent_phone_secret.encode(), b"agent-phone\0" + phone.encode(), hashlib.sha256)
+        return base64.urlsafe_b64encode(digest.digest()).decode()[:24]
 
     def host_path(self, asterisk_path: str) -> Path:
         """Where a path Asterisk sees lives on this host."""
@@ -102,6 +123,14 @@ class WebConfig(Section):
     secure_cookies: bool = False   # True behind HTTPS (the default dev server speaks plain HTTP on loopback)
     dev_pages: bool = True         # /dev/outbox: the SMS and mail the dev sinks received
     trusted_proxies: list[str] = []  # whose X-Forwarded-For is believed for per-client limits
+    # The web chat. Pages on these origins may embed the chat widget (frame /chat, open its websocket), e.g.
+    # "https://shop.example.com"; scheme, host and port only.
+    widget_origins: list[Annotated[str, StringConstraints(
+        pattern=r"^https?://([A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?$")]] = []
+    chat_skill: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")] = "general"
+    chat_token_hours: float = Field(default=24.0, gt=0, le=24 * 30)  # how long a visitor's chat token works
+    chat_starts_per_hour: int = Field(default=20, ge=0)       # new chats per client address
+    chat_messages_per_hour: int = Field(default=300, ge=0)    # visitor messages per chat (and 4x per address)
 
 
 class LinksConfig(Section):
@@ -209,6 +238,52 @@ class ReportsConfig(Section):
     deflection_window_hours: float = 72.0
 
 
+_WRAPUP_CODE = re.compile(r"[a-z0-9_]{1,32}")  # stored in interactions.wrapup_code (32 characters)
+
+
+class DeskConfig(Section):
+    """The agent desktop and the supervisor view (online_chat/desk.py): sessions, login limits, chat limits,
+    wrap-up codes and canned replies (texts per UI language, ``en`` required; ``{agent}`` is the agent's name)."""
+
+    session_idle: float = Field(default=1800.0, gt=0)       # seconds without an open desktop before a session ends
+    session_lifetime: float = Field(default=43200.0, gt=0)  # seconds after login, however busy
+    login_per_account: int = Field(default=10, ge=1)        # login attempts an hour per account name
+    login_per_client: int = Field(default=30, ge=1)         # login attempts an hour per client address
+    max_message: int = Field(default=2000, ge=1, le=2000)   # characters of an agent's chat message (the chat: 2000)
+    wrapup_codes: dict[str, dict[str, str]] = {
+        "resolved": {"en": "Resolved", "zh-CN": "已解决"},
+        "help_link": {"en": "Answered with a help link", "zh-CN": "已发送帮助链接"},
+        "follow_up": {"en": "Needs a follow-up", "zh-CN": "需要跟进"},
+        "complaint": {"en": "Complaint", "zh-CN": "投诉"},
+        "no_reply": {"en": "Customer did not reply", "zh-CN": "客户未回应"},
+        "other": {"en": "Other", "zh-CN": "其他"},
+    }
+    canned_replies: list[dict[str, str]] = [
+        {"en": "Hello, this is {agent}. How can I help you?", "zh-CN": "您好，我是{agent}，请问有什么可以帮您？"},
+        {"en": "Thank you for waiting.", "zh-CN": "感谢您的耐心等待。"},
+        {"en": "Let me check that for you; it will take a moment.", "zh-CN": "我帮您查一下，请稍等。"},
+        {"en": "Is there anything else I can help you with?", "zh-CN": "请问还有其他可以帮您的吗？"},
+        {"en": "Thank you for contacting us. Goodbye!", "zh-CN": "感谢您的咨询，再见！"},
+    ]
+
+    @field_validator("wrapup_codes")
+    @classmethod
+    def _codes(cls, value: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+        for code, labels in value.items():
+            if not _WRAPUP_CODE.fullmatch(code):
+                raise ValueError(f"wrap-up code {code!r}: 1-32 of a-z, 0-9 and _")
+            if not labels.get("en", "").strip():
+                raise ValueError(f"wrap-up code {code!r} needs an English label (en)")
+        return value
+
+    @field_validator("canned_replies")
+    @classmethod
+    def _replies(cls, value: list[dict[str, str]]) -> list[dict[str, str]]:
+        if any(not reply.get("en", "").strip() for reply in value):
+            raise ValueError("every canned reply needs an English text (en)")
+        return value
+
+
 class Config(Section):
     general: GeneralConfig = Field(default_factory=GeneralConfig)
     database: DatabaseConfig = Field(default_factory=DatabaseConfig)
@@ -223,6 +298,7 @@ class Config(Section):
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
     reports: ReportsConfig = Field(default_factory=ReportsConfig)
+    desk: DeskConfig = Field(default_factory=DeskConfig)
 
     @property
     def database_url(self) -> str:
@@ -319,6 +395,8 @@ def _fill_secrets(config: Config) -> None:
         ast.ami_secret = str(stored.get("ami_secret", ""))
     if not ast.softphone_password:
         ast.softphone_password = str(stored.get("softphone_password", ""))
+    if not ast.agent_phone_secret:
+        ast.agent_phone_secret = str(stored.get("agent_phone_secret", ""))
     if not config.links.secret:
         config.links.secret = str(stored.get("link_secret", ""))
     if not config.sms.kannel.password:
@@ -332,7 +410,7 @@ def ensure_secrets(config: Config) -> None:
     path = secrets_path(config)
     stored = _read_yaml(path) if path.exists() else {}
     changed = False
-    for key in ("ami_secret", "softphone_password", "link_secret", "kannel_password"):
+    for key in ("ami_secret", "softphone_password", "agent_phone_secret", "link_secret", "kannel_password"):
         if not stored.get(key):
             stored[key] = _secrets.token_urlsafe(24)
             changed = True

@@ -105,6 +105,11 @@ class FollowUpService:
         return Prepared(row, link)
 
 
+def followup_key(interaction_id: str, message: str, article: str | None) -> str:
+    """One message about one article per interaction, whoever sends it (the call, its end, an agent)."""
+    return f"{interaction_id}:{message}:{article or '-'}"
+
+
 def _key(channel: str, key: str) -> str:
     raw = f"{channel}:{key}"
     return raw if len(raw) <= 128 else f"{channel}:sha256:{hashlib.sha256(key.encode()).hexdigest()}"

@@ -29,6 +29,10 @@ class Outcome(enum.StrEnum):
     TRANSFERRED = "transferred"  # left the flow for a dialplan destination (operator, voicemail, queue)
     ABANDONED = "abandoned"      # the caller hung up inside the flow
     FAILED = "failed"            # ivr-bridge could not run the flow; the call went to the dialplan fallback
+    ANSWERED = "answered"        # an agent took the call (queue node)
+    CALLBACK = "callback"        # the caller asked to be called back and hung up; the place is kept
+    CHAT = "chat"                # the caller took the chat link and hung up; the interaction waits as a chat
+    CALLBACK_FAILED = "callback_failed"  # the call back did not reach the customer
 
 
 class Interaction(Base):
@@ -52,6 +56,12 @@ class Interaction(Base):
     outcome: Mapped[str | None] = mapped_column(String(16), nullable=True, index=True)
     outcome_node: Mapped[str | None] = mapped_column(String(64), nullable=True)
     destination: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # the unified queue (bridge/router.py) and the desktop
+    skill: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    agent: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    queued_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    answered_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    wrapup_code: Mapped[str | None] = mapped_column(String(32), nullable=True)
 
     steps: Mapped[list[Step]] = relationship(back_populates="interaction", order_by="Step.seq",
                                              cascade="all, delete-orphan")
@@ -182,3 +192,23 @@ class Agent(Base):
     disabled: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     password_changed_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ChatMessage(Base):
+    """One message of a chat (bridge/chat.py): numbered per interaction by ``seq`` (1, 2, 3 ... without gaps),
+    so a client that saw up to n asks for what came after n. ``client_id`` is the sender's own id for the
+    message: a message resent after a reconnect is found by it and not stored twice. The unique constraint on
+    (interaction_id, seq) is also the index that reads a chat in order."""
+
+    __tablename__ = "chat_messages"
+    __table_args__ = (UniqueConstraint("interaction_id", "seq", name="uq_chat_messages_seq"),
+                      UniqueConstraint("interaction_id", "client_id", name="uq_chat_messages_client_id"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    interaction_id: Mapped[str] = mapped_column(ForeignKey("interactions.id", ondelete="CASCADE"))
+    seq: Mapped[int] = mapped_column(Integer)
+    sender: Mapped[str] = mapped_column(String(8))                          # visitor | agent | system
+    agent: Mapped[str | None] = mapped_column(String(64), nullable=True)    # the agent who wrote it
+    client_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    text: Mapped[str] = mapped_column(Text)                                 # at most bridge.chat.MAX_TEXT characters
+    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

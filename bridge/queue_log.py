@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 GROUP = "db"
 _EVENTS: Table = QueueEvent.__table__  # type: ignore[assignment]
-KINDS = frozenset({"joined", "offered", "accepted", "requeued", "left", "login", "presence"})
+KINDS = frozenset({"joined", "offered", "accepted", "requeued", "switched", "left", "login", "presence"})
 Entry = tuple[str, dict[str, str]]
 
 

@@ -45,6 +45,7 @@ PRESENCES: tuple[str, ...] = ("available", "away", "wrapup", "offline")
 CHANNELS = ("voice", "web", "wechat")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")  # interaction ids, agent ids, skills
 MAX_PRIORITY = 9
+MODES = ("", "callback")   # how an interaction waits: someone on the line / chat (""), or for a call back
 
 # ------------------------------------------------------------------------------------------------- Lua
 # Every script takes the key prefix as ARGV[1] and the time in milliseconds as ARGV[2]. _BASE is what an assignment
@@ -94,7 +95,7 @@ local function requeue(iid, away, reason)
   local head = redis.call('ZRANGE', P .. 'queue', 0, 0, 'WITHSCORES')
   if head[2] and tonumber(head[2]) <= score then score = tonumber(head[2]) - 1 end
   redis.call('HSET', ik, 'state', 'queued', 'score', score)
-  redis.call('HDEL', ik, 'agent', 'deadline', 'offered_at', 'accepted_at')
+  redis.call('HDEL', ik, 'agent', 'deadline', 'offered_at', 'accepted_at', 'dialing')
   redis.call('ZADD', P .. 'queue', score, member(iid, f[3], f[5]))
   redis.call('ZREM', P .. 'deadlines', 'o:' .. iid)
   log('requeued', iid, f[2], reason)
@@ -195,7 +196,85 @@ redis.call('HSET', ik, 'state', 'active', 'accepted_at', now)
 redis.call('HDEL', ik, 'deadline')
 redis.call('ZREM', P .. 'deadlines', 'o:' .. ARGV[3])
 log('accepted', ARGV[3], ARGV[4], '')
+-- the time between accepts per skill, as a moving average (what one place in the queue costs a caller; gaps
+-- longer than 15 minutes, e.g. overnight, say nothing about the pace and are left out)
+local skill = redis.call('HGET', ik, 'skill') or ''
+local pace = P .. 'pace'
+local last = tonumber(redis.call('HGET', pace, skill .. ':last'))
+redis.call('HSET', pace, skill .. ':last', now)
+if last and now - last < 900000 then
+  local avg = tonumber(redis.call('HGET', pace, skill))
+  local gap = now - last
+  redis.call('HSET', pace, skill, string.format('%d', avg and (avg * 0.8 + gap * 0.2) or gap))
+end
 return 1
+"""
+
+# ARGV: prefix, now, iid, agent, skill. 1: back at the head of the queue under the new skill; 0: not active with
+# this agent.
+_TRANSFER = _COMMON + """
+local ik = P .. 'i:' .. ARGV[3]
+local f = redis.call('HMGET', ik, 'state', 'agent', 'channel', 'score', 'skill')
+if f[1] ~= 'active' or f[2] ~= ARGV[4] then return 0 end
+redis.call('HSET', ik, 'skill', ARGV[5])
+requeue(ARGV[3], false, 'transfer to ' .. ARGV[5])
+return 1
+"""
+
+# ARGV: prefix, now, iid, channel, mode. The interaction goes on waiting on another channel (a caller who took
+# the chat link and hung up) or in another mode ('callback': nobody on the line, Asterisk calls back), keeping
+# its place. An offer in progress is taken back (it was for the old channel). 1: done; 0: unknown or active.
+_SWITCH = _COMMON + """
+local iid = ARGV[3]
+local ik = P .. 'i:' .. iid
+local f = redis.call('HMGET', ik, 'state', 'channel', 'skill', 'score', 'agent')
+if not f[1] or f[1] == 'active' then return 0 end
+if f[1] == 'offered' then
+  redis.call('HSET', ik, 'state', 'queued')
+  redis.call('HDEL', ik, 'agent', 'deadline', 'offered_at')
+  redis.call('ZREM', P .. 'deadlines', 'o:' .. iid)
+  log('requeued', iid, f[5], 'switched to ' .. ARGV[4])
+  release(f[5], f[2])
+else
+  redis.call('ZREM', P .. 'queue', member(iid, f[2], f[3]))
+end
+redis.call('HSET', ik, 'channel', ARGV[4], 'mode', ARGV[5])
+redis.call('ZADD', P .. 'queue', f[4], member(iid, ARGV[4], f[3]))
+if ARGV[5] == 'callback' then redis.call('SADD', P .. 'callbacks', iid)
+else redis.call('SREM', P .. 'callbacks', iid) end
+log('switched', iid, '', ARGV[4] .. ' ' .. ARGV[5])
+return 1
+"""
+
+# ARGV: prefix, now. Callbacks an agent has accepted and nobody dials yet, claimed for the caller of this script
+# (so one process dials each): iid, agent, ...
+_CALLBACKS = _COMMON + """
+local out = {}
+for _, iid in ipairs(redis.call('SMEMBERS', P .. 'callbacks')) do
+  local ik = P .. 'i:' .. iid
+  local f = redis.call('HMGET', ik, 'state', 'agent', 'dialing')
+  if f[1] == 'active' and not f[3] then
+    redis.call('HSET', ik, 'dialing', now)
+    out[#out + 1] = iid
+    out[#out + 1] = f[2]
+  end
+end
+return out
+"""
+
+# ARGV: prefix, now, iid. Place in the queue (1 = next; 0 = not waiting), the agents who could take it (logged
+# in with the skill, not offline) and the average time between accepts of its skill in ms (0 = not known yet).
+_POSITION = _COMMON + """
+local ik = P .. 'i:' .. ARGV[3]
+local f = redis.call('HMGET', ik, 'state', 'channel', 'skill')
+if f[1] ~= 'queued' then return {0, 0, 0} end
+local rank = redis.call('ZRANK', P .. 'queue', member(ARGV[3], f[2], f[3]))
+local want, staffed = ',' .. f[3] .. ',', 0
+for _, a in ipairs(redis.call('SMEMBERS', P .. 'agents')) do
+  local g = redis.call('HMGET', P .. 'a:' .. a, 'skills', 'presence')
+  if g[1] and string.find(g[1], want, 1, true) and g[2] ~= 'offline' then staffed = staffed + 1 end
+end
+return {rank and rank + 1 or 0, staffed, tonumber(redis.call('HGET', P .. 'pace', f[3])) or 0}
 """
 
 # ARGV: prefix, now, iid, agent ('' = whoever has it), away (1/0), reason. 1: back in the queue; 0: not theirs.
@@ -213,6 +292,7 @@ local f = redis.call('HMGET', ik, 'state', 'agent', 'channel', 'skill')
 if not f[1] then return {'', ''} end
 redis.call('DEL', ik)
 redis.call('SREM', P .. 'live', ARGV[3])
+redis.call('SREM', P .. 'callbacks', ARGV[3])
 log('left', ARGV[3], f[2] or '', f[1])
 if f[1] == 'queued' then
   redis.call('ZREM', P .. 'queue', member(ARGV[3], f[3], f[4]))
@@ -332,6 +412,16 @@ class Offer:
     deadline: float  # Unix time
 
 
+@dataclass(frozen=True)
+class Position:
+    """A waiting interaction's place (1 = next, 0 = not waiting), the agents logged in with its skill, and
+    the expected wait in seconds (place x the recent time between accepts of the skill; None until known)."""
+
+    place: int
+    staffed: int
+    expected_wait: float | None
+
+
 @dataclass
 class AgentState:
     agent: str
@@ -355,6 +445,7 @@ class InteractionState:
     queued_at: float    # Unix time
     agent: str | None = None
     offers: int = 0
+    mode: str = ""      # "callback": nobody on the line; Asterisk calls the customer back
 
 
 @dataclass
@@ -405,7 +496,8 @@ class Router:
         self._scripts = {name: self._redis.register_script(body) for name, body in (
             ("enqueue", _ENQUEUE), ("assign", _ASSIGN), ("accept", _ACCEPT), ("requeue", _REQUEUE),
             ("finish", _FINISH), ("login", _LOGIN), ("presence", _PRESENCE), ("tick", _TICK),
-            ("snapshot", _SNAPSHOT))}
+            ("snapshot", _SNAPSHOT), ("transfer", _TRANSFER), ("switch", _SWITCH), ("position", _POSITION),
+            ("callbacks", _CALLBACKS))}
         self._listeners: list[Listener] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -523,6 +615,45 @@ class Router:
             self.wake()
         return state, agent or None
 
+    async def transfer(self, interaction: str, agent: str, skill: str) -> bool:
+        """The agent hands an active interaction to another skill: back to the head of the queue under that
+        skill, the agent's room freed (no wrap-up). False if it is not active with this agent."""
+        done = bool(await self._call("transfer", _name(interaction, "interaction id"), _name(agent, "agent id"),
+                                     _name(skill, "skill")))
+        if done:
+            log.info("queue: %s transferred by %s to %s", interaction, agent, skill)
+            self._emit("queue-requeued", interaction=interaction, agent=agent, reason=f"transfer to {skill}")
+            self.wake()
+        return done
+
+    async def switch(self, interaction: str, channel: str, mode: str = "") -> bool:
+        """Go on waiting on another channel or in another ``mode`` ("callback": Asterisk calls the customer
+        back when an agent takes it), keeping the place in the queue. False when unknown or already active."""
+        _name(interaction, "interaction id")
+        if channel not in CHANNELS:
+            raise RouterError(f"unknown channel {channel!r}; one of {', '.join(CHANNELS)}")
+        if mode not in MODES:
+            raise RouterError(f"unknown mode {mode!r}; one of {', '.join(repr(m) for m in MODES)}")
+        done = bool(await self._call("switch", interaction, channel, mode))
+        if done:
+            log.info("queue: %s now waits as %s%s, keeping its place", interaction, channel,
+                     f" ({mode})" if mode else "")
+            self._emit("queue-switched", interaction=interaction, channel=channel, mode=mode)
+            self.wake()
+        return done
+
+    async def position(self, interaction: str) -> Position:
+        """Where a waiting interaction stands: its place, who could take it, and the expected wait."""
+        place, staffed, pace_ms = await self._call("position", _name(interaction, "interaction id"))
+        pace = int(pace_ms) / 1000
+        return Position(int(place), int(staffed), place * pace if place and pace else None)
+
+    async def callbacks_due(self) -> list[tuple[str, str]]:
+        """Callbacks an agent has accepted that nobody dials yet, as (interaction, agent); each is handed to
+        one caller of this method only (a failed call back goes through ``requeue``, which frees it again)."""
+        flat = await self._call("callbacks")
+        return [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
+
     # ---------------------------------------------------------------------------------------- agents
     async def login(self, agent: str, skills: Iterable[str], *, voice: int | None = None,
                     chat: int | None = None) -> None:
@@ -570,7 +701,7 @@ class Router:
             f = dict(zip(pairs[::2], pairs[1::2], strict=True))
             snap.interactions[iid] = InteractionState(
                 iid, f.get("channel", ""), f.get("skill", ""), int(f.get("priority", 0)), f.get("state", ""),
-                float(f.get("queued_at", 0)) / 1000, f.get("agent"), int(f.get("offers", 0)))
+                float(f.get("queued_at", 0)) / 1000, f.get("agent"), int(f.get("offers", 0)), f.get("mode", ""))
         for agent, pairs in agents:
             f = dict(zip(pairs[::2], pairs[1::2], strict=True))
             snap.agents[agent] = AgentState(

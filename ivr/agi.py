@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 _RESULT_RE = re.compile(r"^(?P<code>\d{3})[ -]result=(?P<result>-?\d*)\s*(?:\((?P<data>[^)]*)\))?"
                         r"(?:\s*endpos=(?P<endpos>\d+))?")
+DIAL_TARGET_RE = re.compile(r"PJSIP/[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # an agent phone's endpoint
+DIAL_TIMEOUT = 6 * 3600.0   # the longest conversation a Dial may bridge before ivr-bridge gives up waiting
 
 
 def _wake(channel: str) -> tuple[str, dict[str, str]]:
@@ -190,10 +192,31 @@ class AgiChannel:
     async def set_variable(self, name: str, value: str) -> None:
         await self.command("SET VARIABLE", safe.var_name(name), safe.var_value(value))
 
-    async def get_full_variable(self, expression: str) -> str | None:
+    async def get_full_variable(self, expression: str, timeout: float = 120) -> str | None:
         """Evaluate a fixed expression (never caller input) such as ``${CHANNEL(pjsip,call-id)}``."""
-        result = await self.command("GET FULL VARIABLE", expression)
+        result = await self.command("GET FULL VARIABLE", expression, timeout=timeout)
         return result.data if result.result == 1 else None
+
+    async def music_on_hold(self, on: bool, music_class: str = "default") -> None:
+        """Start or stop music on hold (a prompt stops it too: start it again after one)."""
+        if on:
+            await self.command("SET MUSIC", "on", safe.name(music_class, "music class"))
+        else:
+            await self.command("SET MUSIC", "off")
+
+    async def dial(self, target: str, ring_seconds: int, *, hold_music: bool = True) -> str:
+        """Ring ``target`` (``TECH/resource``, e.g. ``PJSIP/agent1``) and bridge the caller to it; returns
+        ``DIALSTATUS`` once the bridge has ended (ANSWER) or nobody answered (NOANSWER, BUSY, CHANUNAVAIL ...).
+        With ``hold_music`` the caller hears music on hold while it rings, never silence."""
+        if not DIAL_TARGET_RE.fullmatch(target):
+            raise AgiCommandError(f"bad dial target {target!r:.80}")
+        # g: the caller stays (and the flow goes on) when the agent hangs up first
+        options = f"{target},{int(ring_seconds)},g" + ("m" if hold_music else "")
+        # A conversation may last hours: the result comes when the bridge ends.
+        result = await self.command("EXEC", "Dial", options, timeout=DIAL_TIMEOUT)
+        if result.result < 0:
+            raise CallHangup("the caller hung up during Dial")
+        return (await self.get_full_variable("${DIALSTATUS}")) or "UNKNOWN"
 
     async def hangup(self) -> None:
         with contextlib.suppress(CallHangup):

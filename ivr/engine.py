@@ -19,15 +19,18 @@ from typing import Any
 import phonenumbers
 from panoramisk.message import Message
 
+from bridge.agents import AgentDirectory
 from bridge.catalogue import Catalogue
 from bridge.config import Config
 from bridge.events import EventBus
-from bridge.followups import FollowUpService, Prepared
+from bridge.followups import FollowUpService, Prepared, followup_key
 from bridge.models import Outcome
+from bridge.router import Router
 from bridge.store import InteractionStore, StepRecord, step_rows
 from ivr import safe
 from ivr.agi import AgiChannel, AgiCommandError, CallHangup, LinkLost, parse_env
 from ivr.ami import AmiClient, AmiError
+from ivr.callback import CallbackDialer
 from ivr.flow import Flow, FlowSet, Problem, load_flow_set
 from ivr.prompts import PromptLibrary, flow_texts
 
@@ -205,6 +208,27 @@ class CallContext:
             return self.language
         return self.vars.get(name)
 
+    @property
+    def router(self) -> Router | None:
+        return self.session.engine.router
+
+    async def agent_phone(self, agent: str) -> str | None:
+        """The PJSIP endpoint that rings for ``agent`` (None: unknown, disabled or without a phone)."""
+        agents = self.session.engine.agents
+        record = await agents.get(agent) if agents is not None else None
+        return record.phone if record is not None and not record.disabled and record.phone else None
+
+    def callback_number(self) -> str | None:
+        """The caller's number when a call back to it can be made (callbacks configured, a valid number)."""
+        callbacks = self.session.engine.callbacks
+        if callbacks is None or callbacks.target(self.session.caller) is None:
+            return None
+        return self.session.caller
+
+    async def update_interaction(self, **fields: object) -> None:
+        """Change the call's interaction row (after the steps so far, in one transaction); waits for it."""
+        await self.session.commit_with_steps({"update": {"_id": self.session.call_id, **fields}})
+
     async def transfer(self, destination: str) -> None:
         target = self.flow.destinations[destination]
         await self.session.hand_to_dialplan(target.context, target.exten)
@@ -213,7 +237,8 @@ class CallContext:
         self.record(self.session.current or "", "transfer", destination)
 
     async def hangup(self) -> None:
-        self.outcome = Outcome.COMPLETED
+        if self.outcome is None:   # a call an agent answered stays "answered" to its end
+            self.outcome = Outcome.COMPLETED
         await self.session.agi.hangup()
 
 
@@ -242,6 +267,7 @@ class CallSession:
         self._writes: set[asyncio.Future[None]] = set()
         self.log = CallLog(log, {"call": self.uniqueid or channel})
         self.task: asyncio.Task[None] | None = None
+        self.dial_answered = False  # the last Dial from this call reached an agent (from its DialEnd event)
         self.detached = False  # stopped without handing the call back: the next ivr-bridge resumes it
 
     def deliver(self, item: Message | Exception) -> None:
@@ -396,10 +422,14 @@ class CallSession:
     async def _finish(self, ctx: CallContext, outcome: Outcome) -> None:
         await self._flush()
         followups = await self._after_call(ctx, outcome)
+        # A callback or a chat taken instead of holding on goes on in the queue: the call ended, not the
+        # interaction.
+        going_on = {Outcome.CALLBACK: {"state": "callback", "ended_at": None},
+                    Outcome.CHAT: {"state": "queued", "channel": "web", "ended_at": None}}.get(outcome, {})
         await self.engine.store.finish(self.call_id, outcome, self.current, ctx.destination,
                                        extra={"followups": [p.followup for p in followups],
                                               "links": [p.link for p in followups if p.link]},
-                                       language=ctx.language, intent=self.intent)
+                                       language=ctx.language, intent=self.intent, **going_on)
         if any(p.accepted for p in followups):
             self.engine.followups_written()
 
@@ -430,11 +460,6 @@ class CallSession:
         return out
 
 
-def followup_key(call_id: str, message: str, article: str | None) -> str:
-    """One message about one article per call, whether sent in the call or after it."""
-    return f"{call_id}:{message}:{article or '-'}"
-
-
 def _country(number: str, default_region: str) -> str | None:
     if number == "anonymous":
         return None
@@ -451,8 +476,12 @@ class IvrEngine:
 
     def __init__(self, config: Config, ami: AmiClient, flows: FlowRegistry, store: InteractionStore,
                  prompts: PromptLibrary, bus: EventBus, followups: FollowUpService | None = None,
-                 on_followups: Callable[[], None] | None = None) -> None:
+                 on_followups: Callable[[], None] | None = None, router: Router | None = None,
+                 agents: AgentDirectory | None = None, callbacks: CallbackDialer | None = None) -> None:
         self.config = config
+        self.router = router
+        self.agents = agents
+        self.callbacks = callbacks
         self.followups = followups
         self._on_followups = on_followups
         self.ami = ami
@@ -526,6 +555,10 @@ class IvrEngine:
             uniqueid = message.get("Uniqueid")
             if session is not None and (not uniqueid or not session.uniqueid or uniqueid == session.uniqueid):
                 session.deliver(message)
+        elif event == "DialEnd":
+            session = self.sessions.get(channel)
+            if session is not None:
+                session.dial_answered = message.get("DialStatus") == "ANSWER"
         elif event == "FullyBooted":
             # Asterisk sends it to every new AMI session once it is up (and after its own restart):
             # the moment to rebuild call state from the source of truth.

@@ -116,7 +116,8 @@ class Destination(Strict):
 class AfterCallWhen(Strict):
     """Which ended calls a rule applies to; an unset test matches every call."""
 
-    outcome: list[Literal["completed", "transferred", "abandoned", "failed"]] | None = None
+    outcome: list[Literal["completed", "transferred", "abandoned", "failed", "answered", "callback", "chat",
+                          "callback_failed"]] | None = None
     intent: list[str] | None = None
     has_intent: bool | None = None
 

@@ -6,6 +6,8 @@ the graph checks and ``run()`` for the call. ``run`` returns the id of the next 
 
 from __future__ import annotations
 
+import re
+import string
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
@@ -119,6 +121,12 @@ class _Retrying(Node):
     no_input: PromptField | None = None
     invalid: PromptField | None = None
     on_failure: str
+
+
+def _skill(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}", value):  # the router's names
+        raise ValueError(f"skill {value!r:.70} must be 1-64 letters, digits or _.@-")
+    return value
 
 
 def _digit_key(key: str) -> str:
@@ -422,6 +430,73 @@ class SurveyNode(Node):
         return self.next
 
 
+def _template(allowed: tuple[str, ...]) -> Any:
+    """A prompt whose texts may name only ``allowed`` placeholders ({place}, {minutes})."""
+    def check(prompt: Prompt) -> Prompt:
+        for language, text in prompt.text.items():
+            try:
+                names = {name for _, name, _, _ in string.Formatter().parse(text) if name is not None}
+            except ValueError as exc:
+                raise ValueError(f"{language}: {exc} (write {{{{ and }}}} for braces)") from None
+            unknown = names - set(allowed)
+            if unknown:
+                raise ValueError(f"{language}: unknown placeholder {{{sorted(unknown)[0]}}} "
+                                 f"(known: {', '.join('{' + a + '}' for a in allowed)})")
+        return prompt
+    return Annotated[Prompt, BeforeValidator(_as_prompt), AfterValidator(check)]
+
+
+@register("queue")
+class QueueNode(Node):
+    """Wait for a person in the unified queue (ivr/queueing.py): music on hold, the place and expected wait
+    every ``announce_every`` seconds, keys for a chat link or a callback that keep the place; when an agent
+    takes the call their phone rings and is bridged to the caller. ``after`` is where the caller goes when the
+    agent hangs up first (none: the call ends); ``on_timeout`` after ``max_wait`` seconds without an agent."""
+
+    skill: Annotated[str, AfterValidator(_skill)] = "general"
+    priority: int = Field(0, ge=0, le=9)
+    prompt: PromptField | None = None
+    announce_every: float = Field(30.0, ge=5, le=600)
+    position: _template(("place",)) | None = None          # type: ignore[valid-type]
+    expected_wait: _template(("minutes",)) | None = None   # type: ignore[valid-type]
+    choices: PromptField | None = None        # says the keys; played after each announcement
+    chat_key: Annotated[str, AfterValidator(_digit_key)] | None = None
+    chat_message: str = "chat_link"
+    chat_sent: PromptField | None = None
+    callback_key: Annotated[str, AfterValidator(_digit_key)] | None = None
+    callback_confirm: PromptField | None = None
+    unavailable: PromptField | None = None    # the chat link or callback cannot be done for this caller
+    max_wait: float = Field(600.0, ge=10, le=4 * 3600)
+    on_timeout: str
+    ring_seconds: int = Field(20, ge=5, le=120)
+    after: str | None = None
+
+    @model_validator(mode="after")
+    def _keys(self) -> QueueNode:
+        if self.chat_key is not None and self.chat_sent is None:
+            raise ValueError("'chat_key' needs 'chat_sent' (what the caller hears once the link is sent)")
+        if self.callback_key is not None and self.callback_confirm is None:
+            raise ValueError("'callback_key' needs 'callback_confirm' (what the caller hears before hanging up)")
+        if self.chat_key is not None and self.chat_key == self.callback_key:
+            raise ValueError("'chat_key' and 'callback_key' must differ")
+        return self
+
+    def edges(self) -> list[Edge]:
+        out: list[Edge] = [(self.on_timeout, ("on_timeout",))]
+        if self.after:
+            out.append((self.after, ("after",)))
+        return out
+
+    def prompts(self) -> list[tuple[str, Prompt]]:
+        # the announcements are rendered with their numbers when they are said
+        return [(name, p) for name, p in super().prompts() if name not in ("position", "expected_wait")]
+
+    async def run(self, call: CallContext) -> str | None:
+        from ivr.queueing import QueueWait
+
+        return await QueueWait(self, call).run()
+
+
 @register("hangup")
 class HangupNode(Node):
     prompt: PromptField | None = None
@@ -466,6 +541,8 @@ def parse_node(ctx: FlowContext, node_id: str, body: Any) -> Node | None:
     header = ctx.header
     if isinstance(node, SendLinkNode):
         ok = _check_send_link(ctx, where, node) and ok
+    if isinstance(node, QueueNode) and node.chat_key is not None:
+        ok = _check_message(ctx, where, node.id, node.chat_message, "sms", "chat_message") and ok
     if isinstance(node, TransferNode) and node.destination not in header.destinations:
         names = ", ".join(sorted(header.destinations)) or "none defined"
         ctx.problem((*where, "destination"), f"node '{node_id}': destination '{node.destination}' is not in the "
@@ -485,30 +562,41 @@ def parse_node(ctx: FlowContext, node_id: str, body: Any) -> Node | None:
     return node if ok else None
 
 
-def _check_send_link(ctx: FlowContext, where: tuple[Any, ...], node: SendLinkNode) -> bool:
+def _check_message(ctx: FlowContext, where: tuple[Any, ...], node_id: str, name: str, channel: str,
+                   field: str) -> bool:
+    """The catalogue has message ``name`` with a ``channel`` text in every language of the flow."""
     catalogue = ctx.catalogue
     if catalogue is None:
-        ctx.problem((*where, "type"), f"node '{node.id}': send_link needs the FAQ catalogue (flows/faq.yaml), "
-                                      "which is missing or has errors")
+        ctx.problem((*where, "type"), f"node '{node_id}': sending a message needs the FAQ catalogue "
+                                      "(flows/faq.yaml), which is missing or has errors")
         return False
-    message = catalogue.messages.get(node.message)
+    message = catalogue.messages.get(name)
     if message is None:
-        ctx.problem((*where, "message"), f"node '{node.id}': message '{node.message}' is not in the catalogue "
-                                         f"({', '.join(sorted(catalogue.messages))})")
+        ctx.problem((*where, field), f"node '{node_id}': message '{name}' is not in the catalogue "
+                                     f"({', '.join(sorted(catalogue.messages))})")
         return False
-    if node.channel not in message.channels:
-        ctx.problem((*where, "channel"), f"node '{node.id}': message '{node.message}' has no {node.channel} text")
-        return False
-    if node.article is not None and node.article not in catalogue.articles:
-        ctx.problem((*where, "article"), f"node '{node.id}': article '{node.article}' is not in the catalogue")
-        return False
-    if message.needs_article and node.article is None and not node.from_intent:
-        ctx.problem(where, f"node '{node.id}': message '{node.message}' is about an article: give 'article' "
-                           "or 'from_intent: true'")
+    if channel not in message.channels:
+        ctx.problem((*where, "channel" if field == "message" else field),
+                    f"node '{node_id}': message '{name}' has no {channel} text")
         return False
     missing = [lang for lang in ctx.header.languages if lang not in catalogue.languages]
     if missing:
-        ctx.problem((*where, "type"), f"node '{node.id}': the catalogue has no {', '.join(missing)} texts")
+        ctx.problem((*where, "type"), f"node '{node_id}': the catalogue has no {', '.join(missing)} texts")
+        return False
+    return True
+
+
+def _check_send_link(ctx: FlowContext, where: tuple[Any, ...], node: SendLinkNode) -> bool:
+    if not _check_message(ctx, where, node.id, node.message, node.channel, "message"):
+        return False
+    catalogue = ctx.catalogue
+    assert catalogue is not None
+    if node.article is not None and node.article not in catalogue.articles:
+        ctx.problem((*where, "article"), f"node '{node.id}': article '{node.article}' is not in the catalogue")
+        return False
+    if catalogue.messages[node.message].needs_article and node.article is None and not node.from_intent:
+        ctx.problem(where, f"node '{node.id}': message '{node.message}' is about an article: give 'article' "
+                           "or 'from_intent: true'")
         return False
     return True
 

@@ -7,6 +7,7 @@ can run side by side.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import signal
@@ -22,6 +23,7 @@ from ivr import moh, safe
 log = logging.getLogger(__name__)
 
 CONF_DIR = PROJECT_DIR / "asterisk_conf"
+AGENT_REALM = "ivr-bridge"
 
 
 class PbxError(RuntimeError):
@@ -55,8 +57,9 @@ class AsteriskInstance:
     # ------------------------------------------------------------------------------------------ render
     def variables(self) -> dict[str, str]:
         cfg = self.config
-        if not cfg.ami_secret or not cfg.softphone_password:
-            raise PbxError("AMI secret and softphone password are not set (run `ivr-bridge setup-secrets`)")
+        if not cfg.ami_secret or not cfg.softphone_password or not cfg.agent_phone_secret:
+            raise PbxError("AMI secret, softphone password or agent phone secret not set "
+                           "(run `ivr-bridge setup-secrets`)")
         for value in (cfg.ami_secret, cfg.softphone_password):
             if not safe.NAME_RE.fullmatch(value.replace("-", "").replace("_", "") or "x"):
                 raise PbxError("secrets may contain only letters, digits, '-' and '_'")
@@ -67,6 +70,7 @@ class AsteriskInstance:
             f"exten => {n},1,Set(CALLERID(num)=${{FILTER(0-9+,${{CALLERID(num)}})}})\n"
             f" same => n,Goto(ivr-entry,{n},1)" for n in self.hotline_numbers)
         return {
+            "AGENT_PHONES": self._agent_phones(),
             "DOLLAR": "$",
             "INSTANCE_DIR": cfg.instance_dir,
             "AMI_PORT": str(cfg.ami_port),
@@ -84,6 +88,20 @@ class AsteriskInstance:
             "HEARTBEAT_MAX": str(cfg.heartbeat_max),
             "HOTLINE_EXTENSIONS": extensions,
         }
+
+    def _agent_phones(self) -> str:
+        """One PJSIP endpoint per agent phone, md5 digest credentials (no password in the file)."""
+        cfg = self.config
+        blocks = []
+        for phone in cfg.agent_phones:
+            safe.name(phone.replace(".", "-"), "agent phone")
+            ha1 = hashlib.md5(f"{phone}:{AGENT_REALM}:{cfg.agent_phone_password(phone)}".encode(),
+                              usedforsecurity=False).hexdigest()
+            blocks.append(f"[{phone}](agent-phone)\nauth = {phone}-auth\naors = {phone}\n\n"
+                          f"[{phone}-auth]\ntype = auth\nauth_type = md5\nrealm = {AGENT_REALM}\n"
+                          f"username = {phone}\nmd5_cred = {ha1}\n\n"
+                          f"[{phone}](agent-phone-aor)\n")
+        return "\n".join(blocks)
 
     def render(self) -> None:
         """Write the instance's config from ``asterisk_conf/`` templates (only files that changed)."""

@@ -310,10 +310,14 @@ class _PjAccount(pj.Account):
     def onRegState(self, prm: Any) -> None:
         self.owner._on_reg_state(int(prm.code), str(prm.reason))
 
+    @_guarded
+    def onIncomingCall(self, prm: Any) -> None:
+        self.owner._on_incoming(self, int(prm.callId))
+
 
 class _PjCall(pj.Call):
-    def __init__(self, acc: pj.Account, owner: SoftphoneCall) -> None:
-        pj.Call.__init__(self, acc)
+    def __init__(self, acc: pj.Account, owner: SoftphoneCall, call_id: int = pj.PJSUA_INVALID_ID) -> None:
+        pj.Call.__init__(self, acc, call_id)
         self.owner: SoftphoneCall | None = owner
 
     @_guarded
@@ -331,7 +335,7 @@ class _PjCall(pj.Call):
 
 
 class SoftphoneCall:
-    """One outgoing call; created by :meth:`Softphone.dial`."""
+    """One call: outgoing (:meth:`Softphone.dial`) or incoming (:meth:`Softphone.incoming`)."""
 
     def __init__(self, phone: Softphone, uri: str, record_to: Path | None) -> None:
         loop = asyncio.get_running_loop()
@@ -447,6 +451,29 @@ class SoftphoneCall:
         finally:
             self._drop_player(key)
 
+    async def answer(self, *, record_to: Path | None = None) -> None:
+        """Answer a ringing incoming call (200 OK), optionally recording the far end; waits for CONFIRMED."""
+        call = self._pjcall
+        if call is None or self.ended:
+            raise CallFailed(self._status_code or 0, self._reason or "call ended")
+        if record_to is not None:
+            self.record_to = Path(record_to)
+        prm = pj.CallOpParam(True)
+        prm.statusCode = 200
+        call.answer(prm)
+        await self.wait_answered()
+
+    async def reject(self, status_code: int = 486) -> None:
+        """Refuse a ringing incoming call (486 Busy Here by default) and wait until it is gone."""
+        call = self._pjcall
+        if call is None or self.ended:
+            return
+        self._local_hangup = True
+        prm = pj.CallOpParam(True)
+        prm.statusCode = status_code
+        call.hangup(prm)
+        await self.wait_ended(5)
+
     async def hangup(self, timeout: float = 5) -> None:
         """Hang up (CANCEL/BYE) and wait until the call is DISCONNECTED."""
         if self.ended:
@@ -550,7 +577,7 @@ def _wav_duration(wav: Path) -> float:
 
 
 class Softphone:
-    """A SIP user agent that places calls; use ``async with Softphone(cfg) as sp``."""
+    """A SIP user agent that places and receives calls; use ``async with Softphone(cfg) as sp``."""
 
     def __init__(self, config: SoftphoneConfig | None = None) -> None:
         self.config = config or SoftphoneConfig()
@@ -559,6 +586,7 @@ class Softphone:
         self._account: _PjAccount | None = None
         self._calls: list[SoftphoneCall] = []
         self._reg: asyncio.Future[tuple[int, str]] | None = None
+        self._incoming: asyncio.Queue[SoftphoneCall] = asyncio.Queue()
         self._closed = False
         self.local_port = 0
 
@@ -690,6 +718,25 @@ class Softphone:
     def _forget(self, call: SoftphoneCall) -> None:
         if call in self._calls:
             self._calls.remove(call)
+
+    async def incoming(self, timeout: float = 10) -> SoftphoneCall:
+        """The next incoming call (ringing: 180 sent); answer or reject it. Raises ``TimeoutError``."""
+        async with asyncio.timeout(timeout):
+            return await self._incoming.get()
+
+    def _on_incoming(self, account: _PjAccount, call_id: int) -> None:
+        call = SoftphoneCall(self, "", None)
+        pjcall = _PjCall(account, call, call_id)
+        call._pjcall = pjcall
+        with contextlib.suppress(pj.Error):
+            info = pjcall.getInfo()
+            call.uri = str(info.remoteUri)
+            call.sip_call_id = str(info.callIdString)
+        self._calls.append(call)
+        prm = pj.CallOpParam(True)
+        prm.statusCode = 180
+        pjcall.answer(prm)
+        self._incoming.put_nowait(call)
 
     def _on_reg_state(self, code: int, reason: str) -> None:
         if self._reg is not None:

@@ -28,6 +28,8 @@ from bridge.links import LinkInvalid
 from bridge.models import FollowUp, Interaction, Link, SurveyAnswer
 from bridge.ratelimit import Limit
 from online_chat import i18n
+from online_chat.chat import CHAT, add_chat_routes
+from online_chat.desk import add_desk_routes
 from online_chat.security import AccessLogger, ClientAddress, Csrf, add_security_headers, same_origin
 from online_chat.services import WebServices
 
@@ -67,6 +69,8 @@ def create_app(services: WebServices) -> web.Application:
     r.add_get("/l/{token}/thanks", site.survey_thanks)
     r.add_get("/sms/dlr", site.delivery_report, allow_head=False)
     r.add_get("/dev/outbox", site.dev_outbox)
+    add_desk_routes(app, services)
+    add_chat_routes(app, site)
     return app
 
 
@@ -385,6 +389,8 @@ class Site:
         banner = self.banner(interaction, catalogue, lang)
         if link.kind == "survey":
             return await self.survey_page(request, link, lang, banner)
+        if link.kind == "chat":
+            return await request.app[CHAT].open_link(request, link, lang, banner)
         article = catalogue.articles.get(link.target) if link.kind == "article" else None
         if article is not None:
             return self.article_page(request, catalogue, article, lang, banner=banner, noindex=True)

@@ -10,12 +10,16 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from bridge.agents import AgentDirectory
 from bridge.catalogue import Catalogue
+from bridge.chat import ChatService
 from bridge.config import Config
+from bridge.events import EventBus
 from bridge.followups import FollowUpService
 from bridge.links import LinkSigner
 from bridge.outbox import Outbox
 from bridge.ratelimit import RateLimiter
+from bridge.router import Router
 from bridge.store import InteractionStore
 
 # A delivery report's query -> (follow-up id, status, gateway reference); ValueError when bad or tampered with.
@@ -31,6 +35,7 @@ class WebServices:
     ``catalogue`` is a getter (a reloaded catalogue is used at once; None while none is loaded). ``verify_dlr``
     is None when no SMS gateway sends delivery reports (``/sms/dlr`` then answers 404); ``dev_inbox`` is None
     without development sinks; ``on_enqueued`` wakes the outbox dispatcher after a follow-up was written.
+    ``router``, ``bus`` and ``agents`` serve the chat and the agent desktop (None in apps without them).
     """
 
     config: Config
@@ -43,3 +48,7 @@ class WebServices:
     verify_dlr: VerifyDlr | None = None
     dev_inbox: DevInbox | None = None
     on_enqueued: Callable[[], None] | None = None
+    router: Router | None = None
+    bus: EventBus | None = None
+    agents: AgentDirectory | None = None
+    chat: ChatService | None = None         # the web chat (its pages answer 503 without it)

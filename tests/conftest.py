@@ -126,7 +126,8 @@ def asterisk_config() -> AsteriskConfig:
     # token_urlsafe only uses letters, digits, '-' and '_', which AsteriskInstance.variables() accepts.
     return AsteriskConfig(root=ROOT, instance="test", sip_port=SIP_PORT, ami_port=AMI_PORT, rtp_start=12000,
                           rtp_end=12999, ami_secret=secrets.token_urlsafe(24),
-                          softphone_password=secrets.token_urlsafe(24))
+                          softphone_password=secrets.token_urlsafe(24),
+                          agent_phone_secret=secrets.token_urlsafe(24))
 
 
 @pytest.fixture(scope="session")

@@ -166,7 +166,8 @@ def test_a_send_link_node_is_checked_against_the_catalogue() -> None:
     assert flow_problems("article: refunds") == [
         "t.yaml:10:5: error: node 'link': article 'refunds' is not in the catalogue"]
     assert flow_problems("message: nope") == [
-        "t.yaml:10:5: error: node 'link': message 'nope' is not in the catalogue (article_link, help_link, survey)"]
+        "t.yaml:10:5: error: node 'link': message 'nope' is not in the catalogue "
+        "(article_link, chat_link, help_link, survey)"]
     assert flow_problems("message: article_link") == [
         "t.yaml:8:3: error: node 'link': message 'article_link' is about an article: give 'article' or "
         "'from_intent: true'"]
@@ -184,4 +185,4 @@ def test_a_flow_that_sends_links_needs_a_catalogue() -> None:
         load_flow_text(FLOW.format(what="article: returns", after_message="survey"), "t.yaml", None)
     messages = [p.message for p in info.value.problems]
     assert any("after_call needs the FAQ catalogue" in m for m in messages)
-    assert any("send_link needs the FAQ catalogue" in m for m in messages)
+    assert any("sending a message needs the FAQ catalogue" in m for m in messages)

@@ -280,7 +280,7 @@ def container(doc: Any, path: tuple[Any, ...]) -> Any:
     return doc
 
 
-REFERENCES = ("next", "on_failure", "otherwise", "entry", "on_unavailable")
+REFERENCES = ("next", "on_failure", "otherwise", "entry", "on_unavailable", "on_timeout", "after")
 
 
 def rename(doc: dict[str, Any], old: str, new: Any) -> dict[str, Any]:

@@ -382,3 +382,97 @@ def test_the_queue_command_shows_waiting_per_skill_and_each_agents_state_and_loa
     assert lines[1][:2] == ["sales", "1"] and lines[2][:2] == ["tech", "1"], "a call blocks ann's new chats"
     assert lines[4] == ["ann", "available", "1/1", "0/4", "billing,", "tech"]
     assert lines[5] == ["bob", "away", "0/1", "0/4", "billing"]
+
+
+async def test_a_transfer_puts_an_active_interaction_at_the_head_under_the_new_skill_and_frees_the_agent(
+        router: Router) -> None:
+    await agent(router, "ann", ["billing"], voice=1)
+    await agent(router, "bob", ["tech"], voice=1)
+    await router.enqueue("call1", "voice", "billing")
+    await router.enqueue("call2", "voice", "tech")
+    assert offered(await router.assign()) == [("call1", "ann"), ("call2", "bob")]
+    assert await router.accept("call1", "ann")
+    assert not await router.transfer("call1", "bob", "tech"), "only the agent who has it may transfer it"
+    await router.enqueue("call3", "voice", "tech")
+    assert await router.transfer("call1", "ann", "tech")
+    snap = await router.snapshot()
+    assert snap.queue == ["call1", "call3"], "the transferred call waits at the head, ahead of older ones"
+    assert snap.interactions["call1"].skill == "tech" and snap.interactions["call1"].state == "queued"
+    assert snap.agents["ann"].voice == 0 and snap.agents["ann"].presence == "available", "no wrap-up"
+    assert offered(await router.assign()) == []   # bob still has call2, ann lacks "tech"
+    assert await router.accept("call2", "bob")
+    await router.finish("call2")
+    await router.set_presence("bob", "available")
+    assert offered(await router.assign()) == [("call1", "bob")]
+
+
+async def test_switching_channel_or_to_a_callback_keeps_the_place_and_takes_back_an_offer(router: Router) -> None:
+    await router.enqueue("call1", "voice", "billing")
+    await router.enqueue("call2", "voice", "billing")
+    await router.enqueue("call3", "voice", "billing")
+    assert await router.switch("call2", "web")
+    assert await router.switch("call3", "voice", "callback")
+    snap = await router.snapshot()
+    assert snap.queue == ["call1", "call2", "call3"]
+    assert (snap.interactions["call2"].channel, snap.interactions["call3"].mode) == ("web", "callback")
+    # an agent with chat room only gets call2, now a chat, without call1 ahead of it being offered to them
+    await agent(router, "ann", ["billing"], voice=0, chat=2)
+    assert offered(await router.assign()) == [("call2", "ann")]
+    # switching an offered interaction takes the offer back and frees the agent's room
+    assert await router.switch("call2", "voice")
+    snap = await router.snapshot()
+    assert snap.queue == ["call1", "call2", "call3"] and snap.agents["ann"].chat == 0
+    assert await router.accept("call2", "ann") is False
+    with pytest.raises(RouterError):
+        await router.switch("call1", "fax")
+    with pytest.raises(RouterError):
+        await router.switch("call1", "voice", "later")
+    assert not await router.switch("nobody", "web")
+
+
+async def test_the_position_counts_from_the_head_and_the_expected_wait_follows_the_pace_of_accepts(
+        router: Router) -> None:
+    for i in range(4):
+        await router.enqueue(f"c{i}", "voice", "billing")
+    assert (await router.position("c2")).place == 3
+    assert (await router.position("c2")).expected_wait is None, "no pace known yet"
+    await agent(router, "ann", ["billing"], voice=1)
+    assert (await router.position("c2")).staffed == 1
+    # two accepts about 200 ms apart set the pace: c3, then second in line, expects about 2 x 0.2 s
+    assert offered(await router.assign()) == [("c0", "ann")]
+    assert await router.accept("c0", "ann")
+    await router.finish("c0")
+    await router.set_presence("ann", "available")
+    await asyncio.sleep(0.2)
+    assert offered(await router.assign()) == [("c1", "ann")]
+    assert await router.accept("c1", "ann")
+    position = await router.position("c3")
+    assert position.place == 2
+    assert position.expected_wait is not None and 0.35 <= position.expected_wait <= 0.8, position
+    assert (await router.position("c1")).place == 0, "an active interaction is not waiting"
+
+
+async def test_an_accepted_callback_is_handed_to_one_dialer_and_again_after_a_failed_attempt(
+        router: Router, redis_url: str) -> None:
+    other = Router(redis_url, router.config)   # a second process on the same Redis
+    try:
+        await router.enqueue("cb1", "voice", "billing")
+        await router.enqueue("call2", "voice", "billing")
+        assert await router.switch("cb1", "voice", "callback")
+        assert await router.callbacks_due() == [], "not accepted yet"
+        await agent(router, "ann", ["billing"], voice=1)
+        assert offered(await router.assign()) == [("cb1", "ann")]
+        assert await router.accept("cb1", "ann")
+        due = await asyncio.gather(router.callbacks_due(), other.callbacks_due())
+        assert sorted(due, key=len) == [[], [("cb1", "ann")]], "exactly one process dials"
+        assert await router.callbacks_due() == []
+        # the agent's phone did not answer: back at the head, another attempt once accepted again
+        assert await router.requeue("cb1", "ann", away=True, reason="no answer")
+        await router.set_presence("ann", "available")
+        assert offered(await router.assign()) == [("cb1", "ann")]
+        assert await router.accept("cb1", "ann")
+        assert await other.callbacks_due() == [("cb1", "ann")]
+        await router.finish("cb1")
+        assert await router.callbacks_due() == []
+    finally:
+        await other.aclose()

@@ -53,8 +53,8 @@ async def test_upgrade_creates_the_schema_and_is_idempotent(db_url: str) -> None
     head = ScriptDirectory.from_config(db._alembic_config()).get_current_head()
     await db.upgrade(db_url)
     first = await _run_sync(db_url, _schema)
-    assert first["tables"] == ["agents", "alembic_version", "followups", "interaction_steps", "interactions", "links",
-                               "queue_events", "survey_answers"]
+    assert first["tables"] == ["agents", "alembic_version", "chat_messages", "followups", "interaction_steps",
+                               "interactions", "links", "queue_events", "survey_answers"]
     assert first["version"] == [head]
     assert "ix_interactions_asterisk_uniqueid" in first["indexes"]["interactions"]
     assert "ix_interaction_steps_interaction_id" in first["indexes"]["interaction_steps"]
