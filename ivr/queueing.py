@@ -185,7 +185,13 @@ class QueueWait:
         router = call.router
         assert router is not None
         if status == "ANSWER":
-            # The bridge has ended and the caller is still here: the agent hung up first.
+            # The bridge has ended and the caller is still here: the agent hung up first. If they transferred
+            # the call meanwhile (the desktop), it is back in the queue: the caller waits for the next agent.
+            item = await router.interaction(self.iid)
+            if item and item.get("agent") != agent:
+                call.record(node.id, "transferred", f"{agent} {item.get('skill', '')}".strip())
+                call.session.log.info("agent %s transferred the call to %s", agent, item.get("skill"))
+                return False, None
             call.record(node.id, "agent-hung-up", agent)
             call.outcome = Outcome.ANSWERED
             return True, node.after

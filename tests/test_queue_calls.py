@@ -332,3 +332,32 @@ async def test_a_conversation_goes_on_through_a_lost_ami_link_and_the_agent_is_n
     with pytest.raises(TimeoutError):
         await desk_phones["agent1"].incoming(timeout=1)
     assert (await app.router.snapshot()).agents["ann"].presence == "wrapup"
+
+
+async def test_a_call_the_agent_transfers_goes_back_to_the_queue_when_they_hang_up_and_rings_the_next_agent(
+        ivr: Harness, queue_app: App, desk_phones: dict[str, Softphone]) -> None:
+    app = queue_app
+    desk = Desk(app)
+    call, watch = await wait_in_queue(ivr, app)
+    await desk.agent("ann", "agent1")
+    iid = await desk.take("ann")
+    first = await desk_phones["agent1"].incoming(timeout=10)
+    await first.answer()
+    await ivr.wait_until(lambda: len(desk.bridge_enters) >= 2, 10, "the bridge")
+    await app.agents.add("bob", "a long enough password", skills=["tech"], phone="agent2")
+    await app.router.login("bob", ["tech"])
+    assert await app.router.transfer(iid, "ann", "tech")   # ann passes the caller on (the desktop's transfer)
+    await first.hangup()   # ... and hangs up: the caller is back in the queue, not hung up
+
+    assert await app.router.set_presence("bob", "available")
+    assert await desk.take("bob") == iid
+    second = await desk_phones["agent2"].incoming(timeout=10)
+    await second.answer()
+    await ivr.wait_until(lambda: any(str(m.get("Channel")).startswith("PJSIP/agent2-")
+                                     for m in desk.bridge_enters), 10, "bob bridged")
+    assert not call.ended
+    await second.hangup()
+    await watch.next("prompt", node="rate", text="Thank you for talking to us.")
+    assert (await watch.next("call-ended"))["outcome"] == "answered"
+    events = [(e["event"], e["value"]) for e in watch.events("input") if e["node"] == "wait"]
+    assert ("transferred", "ann tech") in events and ("ringing", "bob") in events
