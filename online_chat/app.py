@@ -28,6 +28,7 @@ from bridge.links import LinkInvalid
 from bridge.models import FollowUp, Interaction, Link, SurveyAnswer
 from bridge.ratelimit import Limit
 from online_chat import i18n
+from online_chat.assets import asset
 from online_chat.chat import CHAT, add_chat_routes
 from online_chat.desk import add_desk_routes
 from online_chat.security import AccessLogger, ClientAddress, Csrf, add_security_headers, same_origin
@@ -242,12 +243,10 @@ class Site:
         return web.Response(text="ok", content_type="text/plain")
 
     async def stylesheet(self, request: web.Request) -> web.StreamResponse:
-        return web.Response(body=self.css, content_type="text/css", charset="utf-8",
-                            headers={"Cache-Control": "public, max-age=86400"})
+        return asset(self.css, "text/css")
 
     async def icon(self, request: web.Request) -> web.StreamResponse:
-        return web.Response(body=self.icon_svg, content_type="image/svg+xml",
-                            headers={"Cache-Control": "public, max-age=86400"})
+        return asset(self.icon_svg, "image/svg+xml")
 
     # ---- self-service
     async def help_index(self, request: web.Request) -> web.StreamResponse:

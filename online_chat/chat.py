@@ -39,11 +39,9 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import hashlib
 import json
 import logging
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSMsgType, web
@@ -52,6 +50,7 @@ from bridge.chat import CLIENT_ID_RE, MAX_TEXT, ChatError, ChatEvent, ChatInfo, 
 from bridge.links import LinkInvalid, LinkSigner
 from bridge.ratelimit import Limit
 from online_chat import i18n
+from online_chat.assets import STATIC, asset, load
 from online_chat.security import SECURITY_HEADERS, origin_of
 
 if TYPE_CHECKING:
@@ -70,7 +69,6 @@ MAX_AFTER = 2**31 - 1
 REDIS_AT_ONCE = 48
 FRAMABLE: web.ResponseKey[bool] = web.ResponseKey("online_chat.framable", bool)
 CHAT: web.AppKey[ChatSite] = web.AppKey("online_chat.chat")
-_HERE = Path(__file__).resolve().parent
 
 
 def add_chat_routes(app: web.Application, site: Site) -> ChatSite:
@@ -98,11 +96,6 @@ def _refuse(status: int, code: str, reason: str) -> web.Response:
     return web.json_response({"error": code, "reason": reason}, status=status, headers={"Cache-Control": "no-store"})
 
 
-def _asset(name: str) -> tuple[bytes, str]:
-    body = (_HERE / "static" / name).read_bytes()
-    return body, f"/static/{name}?v={hashlib.sha256(body).hexdigest()[:10]}"
-
-
 class ChatSite:
     """The chat's handlers; shares templates, languages and the client's address with :class:`Site`."""
 
@@ -111,11 +104,11 @@ class ChatSite:
         self.s = site.s
         self.tokens = chat_tokens(self.s.config.links.secret)
         self.redis_gate = asyncio.Semaphore(REDIS_AT_ONCE)
-        self.js, self.js_url = _asset("chat.js")
-        self.css, self.css_url = _asset("chat.css")
+        self.js, self.js_url = load("chat.js")
+        self.css, self.css_url = load("chat.css")
         strings = {lang: {"open": i18n.UI[lang]["chat_open"]}
                    for lang in i18n.LANGUAGES}
-        self.widget_js = (_HERE / "static" / "widget.js").read_text(encoding="utf-8").replace(
+        self.widget_js = (STATIC / "widget.js").read_text(encoding="utf-8").replace(
             "__STRINGS__", json.dumps(strings, ensure_ascii=False)).encode()
 
     @property
@@ -192,17 +185,14 @@ class ChatSite:
 
     async def widget(self, request: web.Request) -> web.StreamResponse:
         # Loaded by pages of other origins: they may need to say so (Cross-Origin-Resource-Policy).
-        return web.Response(body=self.widget_js, content_type="text/javascript", charset="utf-8",
-                            headers={"Cache-Control": "public, max-age=3600",
-                                     "Cross-Origin-Resource-Policy": "cross-origin"})
+        return asset(self.widget_js, "text/javascript", max_age=3600,
+                     **{"Cross-Origin-Resource-Policy": "cross-origin"})
 
     async def script(self, request: web.Request) -> web.StreamResponse:
-        return web.Response(body=self.js, content_type="text/javascript", charset="utf-8",
-                            headers={"Cache-Control": "public, max-age=86400"})
+        return asset(self.js, "text/javascript")
 
     async def stylesheet(self, request: web.Request) -> web.StreamResponse:
-        return web.Response(body=self.css, content_type="text/css", charset="utf-8",
-                            headers={"Cache-Control": "public, max-age=86400"})
+        return asset(self.css, "text/css")
 
     # ---- the API
     async def start(self, request: web.Request) -> web.StreamResponse:

@@ -53,6 +53,7 @@ from bridge.models import Agent, FollowUp, Interaction, Link, SurveyAnswer, utcn
 from bridge.ratelimit import Limit
 from bridge.router import NAME_RE, Router, RouterError, Snapshot
 from online_chat import i18n
+from online_chat.assets import asset, load
 from online_chat.security import ClientAddress, Csrf, same_origin
 from online_chat.services import WebServices
 from online_chat.sessions import Session, SessionStore
@@ -131,11 +132,6 @@ def _see_other(location: str) -> web.Response:
     return web.Response(status=303, headers={"Location": location})
 
 
-def _static(name: str) -> tuple[bytes, str]:
-    body = (HERE / "static" / name).read_bytes()
-    return body, f"/static/{name}?v={hashlib.sha256(body).hexdigest()[:10]}"
-
-
 # ------------------------------------------------------------------------------------------------ connections
 class Connection:
     """One open websocket: who it belongs to, a bounded queue of frames to send and the task sending them."""
@@ -204,8 +200,8 @@ class Desk:
         self.clients = ClientAddress(cfg.web.trusted_proxies)
         self.env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
                                       undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-        self.js, self.js_url = _static("desk.js")
-        self.css, self.css_url = _static("desk.css")
+        self.js, self.js_url = load("desk.js")
+        self.css, self.css_url = load("desk.css")
         self._redis: aioredis.Redis | None = None
         self._sessions: SessionStore | None = None
         self.views: dict[str, set[Connection]] = {}   # agent -> their open desktops
@@ -370,12 +366,10 @@ class Desk:
         return self._form_page(request, "supervisor.html", lang, agent=agent)
 
     async def script(self, request: web.Request) -> web.StreamResponse:
-        return web.Response(body=self.js, content_type="text/javascript", charset="utf-8",
-                            headers={"Cache-Control": "public, max-age=86400"})
+        return asset(self.js, "text/javascript")
 
     async def stylesheet(self, request: web.Request) -> web.StreamResponse:
-        return web.Response(body=self.css, content_type="text/css", charset="utf-8",
-                            headers={"Cache-Control": "public, max-age=86400"})
+        return asset(self.css, "text/css")
 
     @staticmethod
     def language(agent: Agent) -> str:

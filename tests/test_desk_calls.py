@@ -79,10 +79,7 @@ async def call_in(ivr: Harness, floor: Floor) -> tuple[SoftphoneCall, CallWatch,
     await expect(offer).to_be_visible(timeout=10000)
     await expect(offer.locator(".number")).to_have_text(ivr.CALLER)
     await offer.get_by_role("button", name="Accept").click()
-    ringing = await floor.phone.incoming(timeout=10)   # the IVR rings the agent's phone
-    await ringing.answer()
-    await ivr.wait_until(lambda: len({m.get("Channel") for m in floor.bridges.bridge_enters}) >= 2, 10,
-                         "the caller and the agent's phone in one bridge")
+    ringing = await floor.bridges.answer(floor.phone)   # the IVR rings the agent's phone
     assert len({m.get("BridgeUniqueid") for m in floor.bridges.bridge_enters}) == 1
     await expect(floor.page.locator(f'#work [data-interaction="{watch.call_id}"]')).to_be_visible()
     return call, watch, ringing

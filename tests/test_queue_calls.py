@@ -23,6 +23,7 @@ from bridge.app import App
 from bridge.models import FollowUp, Link, QueueEvent
 from bridge.router import Router
 from ivr.softphone import Softphone, SoftphoneCall, SoftphoneConfig
+from tests.conftest import wait_until
 
 if TYPE_CHECKING:
     from conftest import Harness
@@ -63,6 +64,14 @@ class Desk:
         iid = await self.offer(agent)
         assert await self.router.accept(iid, agent)
         return iid
+
+    async def answer(self, phone: Softphone) -> SoftphoneCall:
+        """Answer the call ringing on an agent's phone and wait until Asterisk has bridged it to the caller."""
+        ringing = await phone.incoming(timeout=10)
+        await ringing.answer()
+        await wait_until(lambda: any(str(m.get("Channel")).startswith(f"PJSIP/{phone.config.user}-")
+                                     for m in self.bridge_enters), 10, f"{phone.config.user} bridged")
+        return ringing
 
     async def offer(self, agent: str, timeout: float = 20) -> str:
         """Wait for an offer to ``agent``; returns the interaction id."""
@@ -183,12 +192,8 @@ async def test_a_phone_that_does_not_answer_puts_the_call_back_at_the_head_and_t
     assert not call.ended, "the caller is never dropped because of the agent's phone"
 
     await desk.agent("bob", "agent2")
-    assert await desk.offer("bob") == iid
-    assert await app.router.accept(iid, "bob")
-    second = await desk_phones["agent2"].incoming(timeout=10)
-    await second.answer()
-    await ivr.wait_until(lambda: any(str(m.get("Channel")).startswith("PJSIP/agent2-")
-                                     for m in desk.bridge_enters), 10, "agent2 bridged")
+    assert await desk.take("bob") == iid
+    second = await desk.answer(desk_phones["agent2"])
     await call.hangup()   # the caller ends the conversation
     ended = await watch.next("call-ended")
     assert ended["outcome"] == "answered"
@@ -313,9 +318,7 @@ async def test_a_conversation_goes_on_through_a_lost_ami_link_and_the_agent_is_n
     call, watch = await wait_in_queue(ivr, app)
     await desk.agent("ann", "agent1")
     iid = await desk.take("ann")
-    ringing = await desk_phones["agent1"].incoming(timeout=10)
-    await ringing.answer()
-    await ivr.wait_until(lambda: len(desk.bridge_enters) >= 2, 10, "the bridge")
+    ringing = await desk.answer(desk_phones["agent1"])
 
     connects = app.ami.connects
     app.ami.drop_link()   # ivr-bridge loses Asterisk in the middle of the conversation
@@ -341,9 +344,7 @@ async def test_a_call_the_agent_transfers_goes_back_to_the_queue_when_they_hang_
     call, watch = await wait_in_queue(ivr, app)
     await desk.agent("ann", "agent1")
     iid = await desk.take("ann")
-    first = await desk_phones["agent1"].incoming(timeout=10)
-    await first.answer()
-    await ivr.wait_until(lambda: len(desk.bridge_enters) >= 2, 10, "the bridge")
+    first = await desk.answer(desk_phones["agent1"])
     await app.agents.add("bob", "a long enough password", skills=["tech"], phone="agent2")
     await app.router.login("bob", ["tech"])
     assert await app.router.transfer(iid, "ann", "tech")   # ann passes the caller on (the desktop's transfer)
@@ -351,10 +352,7 @@ async def test_a_call_the_agent_transfers_goes_back_to_the_queue_when_they_hang_
 
     assert await app.router.set_presence("bob", "available")
     assert await desk.take("bob") == iid
-    second = await desk_phones["agent2"].incoming(timeout=10)
-    await second.answer()
-    await ivr.wait_until(lambda: any(str(m.get("Channel")).startswith("PJSIP/agent2-")
-                                     for m in desk.bridge_enters), 10, "bob bridged")
+    second = await desk.answer(desk_phones["agent2"])
     assert not call.ended
     await second.hangup()
     await watch.next("prompt", node="rate", text="Thank you for talking to us.")
