@@ -7,6 +7,7 @@ import math
 import os
 import socket
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -73,6 +74,18 @@ def cpu_fields() -> CpuFields:
     user, nice, system, idle, iowait, irq, softirq, steal = v[:8]
     busy = user + nice + system + irq + softirq
     return CpuFields(busy, busy + idle + iowait + steal, user + nice + system, irq + softirq + steal, steal)
+
+
+def stop_process(proc: subprocess.Popen[bytes] | None, timeout: float) -> None:
+    """Terminate a child and reap it; killed if it has not gone within ``timeout`` seconds."""
+    if proc is None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def free_port() -> int:

@@ -68,7 +68,7 @@ for folder in (PROJECT_DIR, BENCH_DIR):
 
 import aiohttp  # noqa: E402
 from aiohttp import web  # noqa: E402
-from benchlib import BenchError, cpu_model, cpu_seconds, free_port, log, wait_tcp  # noqa: E402
+from benchlib import BenchError, cpu_model, cpu_seconds, free_port, log, stop_process, wait_tcp  # noqa: E402
 from routing import RedisServer, busy_since, machine_jiffies, percentile, stoppable  # noqa: E402
 
 from bridge import db  # noqa: E402
@@ -253,14 +253,7 @@ class Server:
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 15)
 
     def rss(self) -> int:
         """Resident memory in bytes."""

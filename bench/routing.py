@@ -80,7 +80,16 @@ from bridge.config import RouterConfig  # noqa: E402
 from bridge.router import Offer, Router  # noqa: E402
 
 sys.path.insert(0, str(BENCH_DIR))
-from benchlib import BenchError, cpu_fields, cpu_model, cpu_seconds, free_port, log, median  # noqa: E402
+from benchlib import (  # noqa: E402
+    BenchError,
+    cpu_fields,
+    cpu_model,
+    cpu_seconds,
+    free_port,
+    log,
+    median,
+    stop_process,
+)
 
 KEY_PREFIX = "bench-routing:{router}:"
 SKILLS = ("billing", "sales", "support", "tech", "vip")
@@ -163,14 +172,7 @@ class RedisServer:
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 10)
 
     @property
     def pid(self) -> int | None:

@@ -115,6 +115,16 @@ async def desk_phones(ivr: Harness, queue_app: App) -> AsyncIterator[dict[str, S
             await phone.aclose()
 
 
+async def talking_to_ann(ivr: Harness, desk: Desk, phones: dict[str, Softphone],
+                         ) -> tuple[SoftphoneCall, Any, str, SoftphoneCall]:
+    """A caller in the queue whom agent ann (desk phone agent1) takes and answers: the caller's call, its watch,
+    the interaction id and ann's leg."""
+    call, watch = await wait_in_queue(ivr, desk.app)
+    await desk.agent("ann", "agent1")
+    iid = await desk.take("ann")
+    return call, watch, iid, await desk.answer(phones["agent1"])
+
+
 async def wait_in_queue(ivr: Harness, app: App) -> tuple[SoftphoneCall, Any]:
     call, watch = await ivr.dial("300", app=app)
     assert watch is not None
@@ -315,10 +325,7 @@ async def test_a_conversation_goes_on_through_a_lost_ami_link_and_the_agent_is_n
         ivr: Harness, queue_app: App, desk_phones: dict[str, Softphone]) -> None:
     app = queue_app
     desk = Desk(app)
-    call, watch = await wait_in_queue(ivr, app)
-    await desk.agent("ann", "agent1")
-    iid = await desk.take("ann")
-    ringing = await desk.answer(desk_phones["agent1"])
+    call, watch, iid, ringing = await talking_to_ann(ivr, desk, desk_phones)
 
     connects = app.ami.connects
     app.ami.drop_link()   # ivr-bridge loses Asterisk in the middle of the conversation
@@ -341,10 +348,7 @@ async def test_a_call_the_agent_transfers_goes_back_to_the_queue_when_they_hang_
         ivr: Harness, queue_app: App, desk_phones: dict[str, Softphone]) -> None:
     app = queue_app
     desk = Desk(app)
-    call, watch = await wait_in_queue(ivr, app)
-    await desk.agent("ann", "agent1")
-    iid = await desk.take("ann")
-    first = await desk.answer(desk_phones["agent1"])
+    call, watch, iid, first = await talking_to_ann(ivr, desk, desk_phones)
     await app.agents.add("bob", "a long enough password", skills=["tech"], phone="agent2")
     await app.router.login("bob", ["tech"])
     assert await app.router.transfer(iid, "ann", "tech")   # ann passes the caller on (the desktop's transfer)
